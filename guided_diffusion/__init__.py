@@ -1,0 +1,1 @@
+"""ADM guided diffusion (openai/guided-diffusion) with PixelAsParam guided sampling."""

@@ -1,0 +1,24 @@
+"""Shared test helpers: where the reference fixtures live and how to compare with them."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+
+def assert_close(actual, expected, atol=1e-4, rtol=1e-4):
+    """The fixtures' float32 tolerance: |a - b| <= atol + rtol * |b|."""
+    actual = np.asarray(actual.detach().cpu() if hasattr(actual, "detach") else actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+    if not FIXTURES.is_dir():
+        pytest.fail(f"reference fixtures not found at {FIXTURES}")
+    return FIXTURES
