@@ -19,15 +19,19 @@ if __package__ in (None, ""):  # run as a script: make the `evaluations` package
 import numpy as np
 from tqdm.auto import tqdm
 
-from evaluations.inception import InceptionFeatures
-from evaluations.metrics import (  # noqa: F401  (re-exported API)
-    compute_statistics,
-    frechet_distance,
-    inception_score,
-    manifold_radii,
-    precision_recall,
-)
+from evaluations.inception import Features, InceptionFeatures
+from evaluations.metrics import compute_statistics, frechet_distance, inception_score, manifold_radii, precision_recall
 from evaluations.npz_io import InputError, open_images, read_statistics
+
+__all__ = [  # the metric functions are re-exported for callers of this module
+    "compute_statistics",
+    "frechet_distance",
+    "inception_score",
+    "manifold_radii",
+    "precision_recall",
+    "evaluate",
+    "main",
+]
 
 K_NEIGHBOURS = 3  # precision/recall neighbourhood size, as in ADM
 MIN_IMAGES = K_NEIGHBOURS + 1  # a k-NN radius needs k other images; a covariance needs two
@@ -55,7 +59,7 @@ def batch_features(path, extractor, batch_size):
             for images in reader.batches(batch_size):
                 parts.append(extractor(images))
                 bar.update(len(images))
-    return type(parts[0])(*(np.concatenate(column) for column in zip(*parts)))
+    return Features(*(np.concatenate(column) for column in zip(*parts)))
 
 
 def batch_statistics(path, features):

@@ -111,6 +111,13 @@ def seeded_state_dict(seed=0):
     empty.seek(0)
     net = Unloaded("seeded", ["2048"], feature_extractor_weights_path=empty)
     gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        _randomise(net, gen)
+    return {name: value.clone() for name, value in net.state_dict().items()}
+
+
+def _randomise(net, gen):
+    """Draws every parameter and batch-norm statistic of `net` from `gen` (see seeded_state_dict)."""
     for module in net.modules():
         if isinstance(module, torch.nn.Conv2d):
             fan_in = module.weight[0].numel()
@@ -123,4 +130,3 @@ def seeded_state_dict(seed=0):
         elif isinstance(module, torch.nn.Linear):
             module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / module.in_features**0.5)
             module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
-    return {name: value.clone() for name, value in net.state_dict().items()}

@@ -40,7 +40,7 @@ class RunningStatistics:
         self.outer += centred.T @ centred
 
     def statistics(self):
-        """(mu, sigma) of everything added so far, equal to `compute_statistics` on all of it."""
+        """(mu, sigma) of everything added so far: `compute_statistics` of all of it, to rounding."""
         if self.count < 2:
             raise ValueError("a covariance needs at least 2 activation vectors")
         mean_centred = self.sum / self.count
@@ -59,7 +59,7 @@ def trace_sqrt_product(sigma1, sigma2):
 
     sigma1 @ sigma2 is similar to R sigma2 R with R = sqrt(sigma1), which is symmetric positive
     semi-definite, so the trace is the sum of the square roots of its eigenvalues. This is the
-    number ADM gets from scipy's sqrtm (to ~1e-14 relative when full rank), about 5x faster at
+    number ADM gets from scipy's sqrtm (to ~1e-14 relative when full rank), about 4x faster at
     2048 dimensions and real by construction, so sqrtm's regularisation retry and
     imaginary-part check have nothing to catch.
     """
