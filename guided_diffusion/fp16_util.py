@@ -131,3 +131,18 @@ class MixedPrecisionTrainer:
 
     def state_dict_to_master_params(self, state_dict):
         return state_dict_to_master_params(self.model, state_dict)
+
+
+def use_fp16_if_supported(model, use_fp16, device):
+    """Convert model's torso to fp16 when asked and on CUDA; elsewhere keep float32 with one notice.
+
+    The README flags say `--use_fp16 True`; fp16 convolutions are a CUDA feature, so on a CPU
+    the same flags run in float32 instead of failing. Returns whether the model is now fp16.
+    """
+    if not use_fp16:
+        return False
+    if th.device(device).type != "cuda":
+        logger.log(f"use_fp16: fp16 needs CUDA; running in float32 on {th.device(device).type}")
+        return False
+    model.convert_to_fp16()
+    return True

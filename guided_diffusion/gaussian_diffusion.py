@@ -13,6 +13,7 @@ import numpy as np
 import torch as th
 
 from . import pixel_as_param as pxp
+from .errors import UsageError
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
 
@@ -21,10 +22,12 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
     """The beta schedule `linear` (scaled to the number of steps) or `cosine` (Nichol & Dhariwal)."""
     if schedule_name == "linear":
         scale = 1000 / num_diffusion_timesteps
+        if scale * 0.02 >= 1:
+            raise UsageError(f"the linear schedule needs more than 20 diffusion_steps (got {num_diffusion_timesteps}): use more or --noise_schedule cosine")
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if schedule_name == "cosine":
         return betas_for_alpha_bar(num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
-    raise NotImplementedError(f"unknown noise_schedule {schedule_name!r}: use linear or cosine")
+    raise UsageError(f"unknown noise_schedule {schedule_name!r}: use linear or cosine")
 
 
 def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):

@@ -55,6 +55,8 @@ from typing import Callable, NamedTuple
 
 import torch as th
 
+from .errors import UsageError
+
 MODES = ("none", "cls_den", "cls_den_div", "cls_den_div2")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
@@ -71,9 +73,9 @@ class PxPConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             hint = " (auto is resolved from class_cond by create_model_and_diffusion)" if self.mode == "auto" else ""
-            raise ValueError(f"unknown pxp_mode {self.mode!r}{hint}: use one of {', '.join(MODES)}")
+            raise UsageError(f"unknown pxp_mode {self.mode!r}{hint}: use one of {', '.join(MODES)}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown pxp_optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+            raise UsageError(f"unknown pxp_optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
 def resolve_mode(mode, class_cond):
@@ -178,7 +180,7 @@ class GuidanceOptimizer:
 
     def __init__(self, kind="sgd", beta1=0.9, beta2=0.999, eps=1e-12):
         if kind not in OPTIMIZERS:
-            raise ValueError(f"unknown pxp_optimizer {kind!r}: use one of {', '.join(OPTIMIZERS)}")
+            raise UsageError(f"unknown pxp_optimizer {kind!r}: use one of {', '.join(OPTIMIZERS)}")
         self.kind, self.beta1, self.beta2, self.eps = kind, beta1, beta2, eps
         self.m = self.v = None
         self.steps = 0

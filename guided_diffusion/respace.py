@@ -3,6 +3,8 @@
 import numpy as np
 import torch as th
 
+from .errors import UsageError
+
 from .gaussian_diffusion import GaussianDiffusion
 
 
@@ -19,7 +21,7 @@ def space_timesteps(num_timesteps, section_counts):
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired_count:
                     return set(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot create exactly {desired_count} steps with an integer stride out of {num_timesteps}")
+            raise UsageError(f"cannot create exactly {desired_count} steps with an integer stride out of {num_timesteps}")
         section_counts = [int(x) for x in section_counts.split(",")]
     size_per, extra = divmod(num_timesteps, len(section_counts))
     start_idx = 0
@@ -27,7 +29,7 @@ def space_timesteps(num_timesteps, section_counts):
     for i, section_count in enumerate(section_counts):
         size = size_per + (1 if i < extra else 0)
         if size < section_count:
-            raise ValueError(f"cannot divide a section of {size} steps into {section_count}")
+            raise UsageError(f"cannot divide a section of {size} steps into {section_count}")
         frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
         position = 0.0  # accumulated (not multiplied) so rounding matches the reference exactly
         for _ in range(section_count):

@@ -9,6 +9,7 @@ import argparse
 import inspect
 
 from . import gaussian_diffusion as gd
+from .errors import UsageError
 from .pixel_as_param import resolve_mode
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
@@ -162,7 +163,7 @@ def parse_channel_mult(channel_mult, image_size, table=_CHANNEL_MULT):
         return tuple(float(m) if "." in m else int(m) for m in str(channel_mult).split(","))
     if image_size not in table:
         sizes = ", ".join(map(str, sorted(table)))
-        raise ValueError(f"no default channel_mult for image size {image_size} (known: {sizes}): pass --channel_mult, e.g. 1,2,2")
+        raise UsageError(f"no default channel_mult for image size {image_size} (known: {sizes}): pass --channel_mult, e.g. 1,2,2")
     return table[image_size]
 
 

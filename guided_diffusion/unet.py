@@ -353,6 +353,7 @@ class UNetModel(_EncoderLayout, nn.Module):
         self.conv_resample = conv_resample
         self.num_classes = num_classes
         self.use_checkpoint = use_checkpoint
+        self.use_fp16 = use_fp16  # the scripts call convert_to_fp16() on CUDA
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
@@ -393,8 +394,6 @@ class UNetModel(_EncoderLayout, nn.Module):
             nn.SiLU(),
             zero_module(conv_nd(dims, int(model_channels * channel_mult[0]), out_channels, 3, padding=1)),
         )
-        if use_fp16:
-            self.convert_to_fp16()
 
     def convert_to_fp16(self):
         """Convert the convolutions of the torso to float16 (embeddings and `out` stay float32)."""
@@ -473,6 +472,7 @@ class EncoderUNetModel(_EncoderLayout, nn.Module):
         self.channel_mult = channel_mult
         self.conv_resample = conv_resample
         self.use_checkpoint = use_checkpoint
+        self.use_fp16 = use_fp16
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
@@ -504,8 +504,6 @@ class EncoderUNetModel(_EncoderLayout, nn.Module):
             )
         else:
             raise NotImplementedError(f"unknown classifier pool {pool!r}: use attention, adaptive, spatial or spatial_v2")
-        if use_fp16:
-            self.convert_to_fp16()
 
     def convert_to_fp16(self):
         """Convert the convolutions of the torso to float16."""

@@ -1,0 +1,99 @@
+"""Process-group setup over MPI, the device of this rank, and checkpoint reading."""
+
+import io
+import os
+import pickle
+import socket
+import zipfile
+
+import blobfile as bf
+import torch as th
+import torch.distributed as dist
+
+from .errors import UsageError
+
+
+def _mpi_comm():
+    """MPI's world communicator, or None when mpi4py or an MPI runtime is unavailable."""
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError):
+        return None
+    return MPI.COMM_WORLD
+
+
+def setup_dist():
+    """Join all MPI ranks in a torch.distributed group (NCCL on GPUs, gloo on CPUs).
+
+    Without a usable MPI the process runs alone as rank 0 of 1.
+    """
+    if dist.is_initialized():
+        return
+    comm = _mpi_comm()
+    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    backend = "nccl" if th.cuda.is_available() else "gloo"
+    if th.cuda.is_available():
+        th.cuda.set_device(dev())
+    hostname = "127.0.0.1" if backend == "gloo" else socket.gethostbyname(socket.getfqdn())
+    port = _find_free_port()
+    if comm is not None:
+        hostname, port = comm.bcast((hostname, port), root=0)
+    os.environ.update(MASTER_ADDR=hostname, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size))
+    dist.init_process_group(backend=backend, init_method="env://")
+
+
+def _local_rank():
+    """This rank's index among the ranks on its node."""
+    comm = _mpi_comm()
+    if comm is None:
+        return 0
+    from mpi4py import MPI
+
+    return comm.Split_type(MPI.COMM_TYPE_SHARED).rank
+
+
+def dev():
+    """The device for this rank: its own GPU when there are GPUs, else the CPU."""
+    if th.cuda.is_available():
+        return th.device("cuda", _local_rank() % th.cuda.device_count())
+    return th.device("cpu")
+
+
+def load_state_dict(path, **kwargs):
+    """Read a state dict from a local or blobfile path (`.pt` with weights_only, or `.safetensors`).
+
+    A missing or unreadable file raises UsageError with a one-line explanation.
+    """
+    if not bf.exists(path):
+        raise UsageError(f"checkpoint not found: {path} (check the path; official ones: python models/download.py NAME)")
+    with bf.BlobFile(path, "rb") as f:
+        data = f.read()
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            state_dict = load_safetensors(data)
+            if "map_location" in kwargs:
+                state_dict = {k: v.to(kwargs["map_location"]) for k, v in state_dict.items()}
+        else:
+            state_dict = th.load(io.BytesIO(data), weights_only=True, **kwargs)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot read checkpoint {path} ({len(data)} bytes): {reason} (truncated download? fetch it again)") from e
+    if not isinstance(state_dict, dict) or not all(isinstance(v, th.Tensor) for v in state_dict.values()):
+        raise UsageError(f"{path} is not a state dict of tensors (save one with torch.save(model.state_dict(), path))")
+    return state_dict
+
+
+def sync_params(params):
+    """Broadcast parameters from rank 0 so all ranks start identical."""
+    for p in params:
+        with th.no_grad():
+            dist.broadcast(p, 0)
+
+
+def _find_free_port():
+    """A TCP port free on this host right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
