@@ -25,7 +25,7 @@ setup(
     name="guided-diffusion-pxp",
     version="0.1.0",
     description="Guided diffusion sampling with PixelAsParam projection (a fork of openai/guided-diffusion).",
-    packages=["guided_diffusion"],
+    packages=["guided_diffusion", "evaluations"],
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy", "blobfile>=1.0.5", "mpi4py", "tqdm", "pillow"],
     extras_require=EXTRAS,

@@ -229,3 +229,65 @@ def classifier_free_x0(x0_c, delta, config: PxPConfig):
         + _per_sample(_safe_div(-config.cweight * conflict, n_x0), x0_c) * x0_c
     )
     return x0, {"cos_den_cls": _cosine(dot, n_x0, n_delta), "fired_cls_den": dot < 0}
+
+
+class StepStats:
+    """Per-timestep means of a loop's PixelAsParam statistics, accumulated over batches and ranks.
+
+    Cosines are averaged over samples; `fired_*` entries become the fraction of samples whose
+    projection fired at that step.
+    """
+
+    def __init__(self):
+        self.sums = {}  # timestep index -> {name: sum over samples}
+        self.counts = {}  # timestep index -> number of samples
+
+    def add(self, t, stats):
+        """Accumulate one step's per-sample statistics (the `pxp` entry of a step's output)."""
+        sums = self.sums.setdefault(int(t), {})
+        for name, values in stats.items():
+            sums[name] = sums.get(name, 0.0) + values.double().sum().item()
+        self.counts[int(t)] = self.counts.get(int(t), 0) + len(next(iter(stats.values())))
+
+    def merge(self, other):
+        """Add another accumulator's sums (e.g. from another rank)."""
+        for t, sums in other.sums.items():
+            mine = self.sums.setdefault(t, {})
+            for name, value in sums.items():
+                mine[name] = mine.get(name, 0.0) + value
+            self.counts[t] = self.counts.get(t, 0) + other.counts[t]
+
+    def to_dict(self):
+        """{"steps": [{"t": t, "samples": n, name: mean, ...}]} from the first step taken (largest t) to t = 0."""
+        return {
+            "steps": [
+                {"t": t, "samples": self.counts[t], **{k: v / self.counts[t] for k, v in sorted(self.sums[t].items())}}
+                for t in sorted(self.sums, reverse=True)
+            ]
+        }
+
+
+def plot_stats(stats_dict, path):
+    """Plot cosines and firing rates against the timestep to `path` (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise UsageError("plotting needs matplotlib: pip install matplotlib") from e
+    steps = stats_dict["steps"]
+    ts = [s["t"] for s in steps]
+    fig, (ax_cos, ax_fired) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name in sorted(k for k in steps[0] if k.startswith("cos_")):
+        ax_cos.plot(ts, [s[name] for s in steps], label=name[4:].replace("_", "-"))
+    for name in sorted(k for k in steps[0] if k.startswith("fired_")):
+        ax_fired.plot(ts, [s[name] for s in steps], label=name[6:].replace("_", "-"))
+    ax_cos.set(xlabel="timestep index t", ylabel="mean cosine", title="cosine between directions")
+    ax_fired.set(xlabel="timestep index t", ylabel="fraction of samples", title="projection fired", ylim=(-0.05, 1.05))
+    for ax in (ax_cos, ax_fired):
+        ax.invert_xaxis()  # sampling runs from large t to 0
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
