@@ -18,8 +18,9 @@ EXTRAS = {
     "eval": requirements("evaluations/requirements.txt"),
     "plot": ["matplotlib"],
     "digits": ["scikit-learn"],
+    "safetensors": ["safetensors"],
 }
-EXTRAS["test"] = sorted({r for reqs in EXTRAS.values() for r in reqs} | {"pytest"})
+EXTRAS["all"] = sorted({r for reqs in EXTRAS.values() for r in reqs} | {"pytest"})
 
 setup(
     name="guided-diffusion-pxp",
