@@ -1,0 +1,41 @@
+"""Like image_sample.py, but a noisy classifier guides each step towards a label (ADM-G or PixelAsParam).
+
+`--pxp_mode auto` (the default) takes the paper's recipe: cls_den for a class-conditional model,
+cls_den_div2 for an unconditional one; `--pxp_mode none` is ADM-G and `--classifier_scale 0`
+samples without guidance (labels are still drawn, from the classifier's classes).
+
+    mpiexec -n N python scripts/classifier_sample.py --model_path models/64x64_diffusion.pt \\
+        --classifier_path models/64x64_classifier.pt --classifier_scale 1.0 --timestep_respacing 250
+"""
+
+from guided_diffusion import sampling
+from guided_diffusion.script_util import classifier_defaults, model_and_diffusion_defaults
+
+
+def main():
+    model_defaults = dict(model_and_diffusion_defaults(), pxp_mode="auto")
+    guidance = dict(classifier_path="", classifier_scale=1.0, pxp_stats="")
+    parser = sampling.create_argparser(sampling.sampling_defaults(), model_defaults, classifier_defaults(), guidance, description=__doc__)
+    args, explicit = sampling.start(parser)
+    model_checkpoint = sampling.Checkpoint(args, explicit, "model_path", "model", model_defaults)
+    classifier_checkpoint = sampling.Checkpoint(args, explicit, "classifier_path", "classifier", classifier_defaults())
+    flags = model_checkpoint.flags
+    classifier_checkpoint.check_matches(model_checkpoint, "image_size", *(["num_classes"] if flags["class_cond"] else []))
+    out = sampling.Output(args, args.num_samples, flags["image_size"])
+    if out.finished():
+        return
+    model, diffusion = model_checkpoint.load()
+    classifier, _ = classifier_checkpoint.load()
+    task = sampling.Task(
+        diffusion,
+        sampling.label_aware(model, flags["class_cond"]),
+        (3, flags["image_size"], flags["image_size"]),
+        num_classes=classifier_checkpoint.flags["num_classes"],
+        cond_fn=sampling.classifier_guidance(classifier, args.classifier_scale) if args.classifier_scale else None,
+        stats_path=args.pxp_stats,
+    )
+    sampling.sample(args, task, out)
+
+
+if __name__ == "__main__":
+    sampling.run_script(main)

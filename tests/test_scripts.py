@@ -1,0 +1,292 @@
+"""The sampling scripts end to end on tiny seeded checkpoints: MPI, seeds, resume, outputs and bad input.
+
+Every script runs as a subprocess, as a user runs it. The checkpoints are made here (image
+size 16, 32 channels) and carry their flags in a sidecar `<checkpoint>.json`.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from guided_diffusion import logger
+from guided_diffusion.checkpoints import DEFAULTS, OFFICIAL, build, parse_flags
+from guided_diffusion.sampling import Checkpoint
+from guided_diffusion.script_util import model_and_diffusion_defaults
+
+TINY = "--num_channels 32 --num_res_blocks 1 --attention_resolutions 8 --num_head_channels 32 --learn_sigma True --diffusion_steps 100 --noise_schedule cosine --num_classes 10"
+MODEL = f"--image_size 16 --channel_mult 1,2 {TINY}"
+CLASSIFIER = "--num_classes 10 --classifier_width 32 --classifier_depth 1 --classifier_channel_mult 1,2 --classifier_attention_resolutions 8"
+UPSAMPLER = f"--large_size 64 --small_size 16 --class_cond True {TINY}"
+
+
+def _save(path, kind, flags, seed, sidecar=True, edit=None):
+    """A network with seeded N(0, 0.05) weights (the UNet's zero-initialised layers too), saved with its sidecar."""
+    torch.manual_seed(seed)
+    net = build(kind, parse_flags(flags, DEFAULTS[kind]()))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    state_dict = net.state_dict()
+    if edit:
+        edit(state_dict)
+    torch.save(state_dict, path)
+    if sidecar:
+        (path.parent / f"{path.name}.json").write_text(json.dumps({"kind": kind, "flags": flags}))
+    return str(path)
+
+
+def _official_meta(path, name):
+    """A state dict with the official checkpoint's keys and shapes but no data (meta tensors): a few kB."""
+    kind, flags = OFFICIAL[name]
+    with torch.device("meta"):
+        torch.save(build(kind, parse_flags(flags, DEFAULTS[kind]())).state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    nan_bias = lambda sd: sd["out.2.bias"].fill_(float("nan"))  # noqa: E731
+    return dict(
+        cond=_save(d / "cond.pt", "model", f"{MODEL} --class_cond True", 0),
+        uncond=_save(d / "uncond.pt", "model", f"{MODEL} --class_cond False", 1),
+        clf=_save(d / "clf.pt", "classifier", f"--image_size 16 {CLASSIFIER}", 2),
+        clf32=_save(d / "clf32.pt", "classifier", f"--image_size 32 {CLASSIFIER}", 3),
+        sr=_save(d / "sr.pt", "sr", UPSAMPLER, 4),
+        nan=_save(d / "nan.pt", "model", f"{MODEL} --class_cond True", 0, edit=nan_bias),
+        dir=d,
+    )
+
+
+def _command(script, flags, mpi=0):
+    command = [sys.executable, str(ROOT / "scripts" / script), *map(str, flags)]
+    return ["mpiexec", "-n", str(mpi), *command] if mpi else command
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_LOGDIR"}
+    return dict(env, OMP_NUM_THREADS="1", **extra)
+
+
+def run(script, *flags, mpi=0, status=0, **env):
+    """Run a script; assert its exit status; returns the CompletedProcess."""
+    proc = subprocess.run(_command(script, flags, mpi), capture_output=True, text=True, env=_env(**env), timeout=300)
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    return proc
+
+
+def _guided(models, out, *extra):
+    return [
+        "--model_path", models["cond"], "--classifier_path", models["clf"], "--classifier_scale", 5, "--num_samples", 5,
+        "--timestep_respacing", 4, "--seed", 7, "--output", out, *extra,
+    ]
+
+
+def _npz(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def reference(models, tmp_path_factory):
+    """classifier_sample.py in one process, batch size 2, with a 4x4 grid and PixelAsParam statistics."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = run("classifier_sample.py", *_guided(models, out, "--batch_size", 2, "--grid_size", 4, "--pxp_stats", out / "stats.json"))
+    return out, proc
+
+
+def test_reference_npz_layout(reference):
+    out, _ = reference
+    expected = _npz(out / "samples_5x16x16x3.npz")
+    assert set(expected) == {"arr_0", "arr_1"}
+    assert expected["arr_0"].shape == (5, 16, 16, 3) and expected["arr_0"].dtype == np.uint8
+    assert expected["arr_1"].dtype == np.int64 and ((expected["arr_1"] >= 0) & (expected["arr_1"] < 10)).all()
+    assert expected["arr_0"].std() > 10  # real images, not a constant
+
+
+@pytest.mark.parametrize("batch_size, ranks", [(3, 0), (2, 2)], ids=["batch_size_3", "mpiexec_2_ranks"])
+def test_same_samples_whatever_the_ranks_and_batch_size(models, reference, tmp_path, batch_size, ranks):
+    if ranks and shutil.which("mpiexec") is None:
+        pytest.skip("mpiexec not found (pip install mpich)")
+    out, _ = reference
+    run("classifier_sample.py", *_guided(models, tmp_path, "--batch_size", batch_size, "--pxp_stats", tmp_path / "stats.json"), mpi=ranks)
+    expected, got = _npz(out / "samples_5x16x16x3.npz"), _npz(tmp_path / "samples_5x16x16x3.npz")
+    np.testing.assert_array_equal(got["arr_0"], expected["arr_0"])
+    np.testing.assert_array_equal(got["arr_1"], expected["arr_1"])
+    ref_steps = json.loads((out / "stats.json").read_text())["steps"]
+    for ref_step, step in zip(ref_steps, json.loads((tmp_path / "stats.json").read_text())["steps"], strict=True):
+        assert step == pytest.approx(ref_step, abs=1e-6)  # the same sums, added in another order
+
+
+def test_png_grid_of_the_first_samples(reference):
+    out, _ = reference
+    images = _npz(out / "samples_5x16x16x3.npz")["arr_0"]
+    grid = np.asarray(Image.open(out / "samples_5x16x16x3.png"))
+    assert grid.shape == (2 * 16, 4 * 16, 3)  # 5 samples in rows of 4
+    np.testing.assert_array_equal(grid[:16, 16:32], images[1])
+    np.testing.assert_array_equal(grid[16:, :16], images[4])
+    assert not grid[16:, 16:].any()
+
+
+def test_pxp_stats_json(reference):
+    out, proc = reference
+    steps = json.loads((out / "stats.json").read_text())["steps"]
+    assert [s["t"] for s in steps] == [3, 2, 1, 0] and all(s["samples"] == 5 for s in steps)
+    for s in steps:
+        assert set(s) == {"t", "samples", "cos_den_cls", "cos_cls_div", "cos_den_div", "fired_cls_den", "fired_cls_div"}
+        assert all(-1 <= s[k] <= 1 for k in s if k.startswith("cos_"))
+        assert all(0 <= s[k] <= 1 for k in s if k.startswith("fired_"))
+        assert s["fired_cls_div"] == 0  # auto on a class-conditional model is cls_den: no diversity projection
+    assert "--model_path: flags from" in proc.stdout and "saved 5 samples to" in proc.stdout
+
+
+def test_killed_run_resumes_to_the_same_file(models, tmp_path):
+    flags = _guided(models, tmp_path / "killed", "--num_samples", 6, "--timestep_respacing", 10, "--batch_size", 1)
+    run("classifier_sample.py", *_guided(models, tmp_path / "whole", "--num_samples", 6, "--timestep_respacing", 10, "--batch_size", 3))
+    expected = _npz(tmp_path / "whole" / "samples_6x16x16x3.npz")
+
+    partial = tmp_path / "killed" / "samples_6x16x16x3.partial"
+    proc = subprocess.Popen(_command("classifier_sample.py", flags), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not list(partial.glob("from_*.npz")):
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    saved = sorted(p.name for p in partial.glob("from_*.npz"))
+    assert 1 <= len(saved) < 6, saved  # killed after its first saved batch, before the end
+    assert not (tmp_path / "killed" / "samples_6x16x16x3.npz").exists()
+
+    other = run("classifier_sample.py", *flags[:-2], "--batch_size", 2, "--classifier_scale", 2, status=2)
+    assert "holds an unfinished run with other flags (--classifier_scale 5.0 (now 2.0))" in other.stderr
+
+    run("classifier_sample.py", *flags)
+    got = _npz(tmp_path / "killed" / "samples_6x16x16x3.npz")
+    np.testing.assert_array_equal(got["arr_0"], expected["arr_0"])
+    np.testing.assert_array_equal(got["arr_1"], expected["arr_1"])
+    assert not partial.exists()
+
+    mtime = os.path.getmtime(tmp_path / "killed" / "samples_6x16x16x3.npz")
+    again = run("classifier_sample.py", *flags)
+    assert "already sampled: " in again.stdout and os.path.getmtime(tmp_path / "killed" / "samples_6x16x16x3.npz") == mtime
+
+
+def test_super_res_upsamples_base_samples_and_keeps_labels(models, tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "base.npz", base, np.array([3, 1, 4]))
+    out = tmp_path / "up" / "upsampled.npz"
+    run("super_res_sample.py", "--model_path", models["sr"], "--base_samples", tmp_path / "base.npz", "--num_samples", 4,
+        "--batch_size", 3, "--timestep_respacing", 4, "--seed", 0, "--output", out)
+    got = _npz(out)
+    assert got["arr_0"].shape == (4, 64, 64, 3) and got["arr_0"].dtype == np.uint8
+    np.testing.assert_array_equal(got["arr_1"], [3, 1, 4, 3])  # sample i upsamples base image i mod 3
+    assert np.asarray(Image.open(tmp_path / "up" / "upsampled.png")).shape == (64, 4 * 64, 3)
+
+
+def test_classifier_free_sample(models, tmp_path):
+    run("classifier_free_sample.py", "--model_path", models["uncond"], "--cond_model_path", models["cond"], "--cond_model_scale", 2,
+        "--num_samples", 3, "--batch_size", 3, "--timestep_respacing", 4, "--seed", 1, "--output", tmp_path, "--pxp_stats", tmp_path / "cfg.json")
+    got = _npz(tmp_path / "samples_3x16x16x3.npz")
+    assert got["arr_0"].shape == (3, 16, 16, 3) and got["arr_1"].shape == (3,)
+    steps = json.loads((tmp_path / "cfg.json").read_text())["steps"]
+    assert len(steps) == 4 and set(steps[0]) == {"t", "samples", "cos_den_cls", "fired_cls_den"}
+
+
+def test_image_sample_unconditional_fp16_flags_on_cpu_ddim(models, tmp_path):
+    proc = run("image_sample.py", "--model_path", models["uncond"], "--use_fp16", "True", "--use_ddim", "True", "--eta", 0.5,
+               "--num_samples", 2, "--timestep_respacing", 4, OPENAI_LOGDIR=str(tmp_path))
+    got = _npz(tmp_path / "samples_2x16x16x3.npz")
+    assert set(got) == {"arr_0"} and got["arr_0"].shape == (2, 16, 16, 3)  # no labels for an unconditional model
+    assert "fp16 needs CUDA; running in float32 on cpu" in proc.stdout
+
+
+def test_official_checkpoints_are_recognised_without_flags(tmp_path):
+    model = _official_meta(tmp_path / "256x256_diffusion_uncond.pt", "256x256_diffusion_uncond.pt")
+    classifier = _official_meta(tmp_path / "256x256_classifier.pt", "256x256_classifier.pt")
+    assert os.path.getsize(model) < 1e6
+    (tmp_path / "samples_2x256x256x3.npz").touch()  # an earlier result: the flags found give its name, 256x256
+    proc = run("classifier_sample.py", "--model_path", model, "--classifier_path", classifier, "--num_samples", 2, "--output", tmp_path)
+    assert f"already sampled: {tmp_path / 'samples_2x256x256x3.npz'}" in proc.stdout
+    assert "--model_path: flags from the official 256x256_diffusion_uncond.pt / lsun_bedroom.pt" in proc.stdout
+    assert "--classifier_path: flags from the official 256x256_classifier.pt" in proc.stdout
+
+    small = _official_meta(tmp_path / "64x64_classifier.pt", "64x64_classifier.pt")
+    proc = run("classifier_sample.py", "--model_path", model, "--classifier_path", small, "--output", tmp_path, status=2)
+    assert f"--classifier_path {small} has image_size 64 but --model_path {model} has 256: they must match" in proc.stderr
+
+
+def test_explicit_flags_override_the_checkpoint_flags(models, tmp_path):
+    logger.configure(dir=str(tmp_path), format_strs=[])
+    defaults = model_and_diffusion_defaults()
+    official = _official_meta(tmp_path / "official.pt", "256x256_diffusion.pt")
+    args = argparse.Namespace(model_path=official, **dict(defaults, timestep_respacing="25", num_channels=8))
+    flags = Checkpoint(args, {"timestep_respacing"}, "model_path", "model", defaults).flags
+    expected = parse_flags(OFFICIAL["256x256_diffusion.pt"][1], defaults)
+    assert flags == dict(expected, timestep_respacing="25")  # num_channels was not given: the checkpoint's 256 wins
+    tiny = Checkpoint(argparse.Namespace(model_path=models["cond"], **defaults), set(), "model_path", "model", defaults).flags
+    assert tiny == parse_flags(f"{MODEL} --class_cond True", defaults)  # from the sidecar
+
+
+def _base(path, size, labels=True):
+    arrays = [np.zeros((2, size, size, 3), np.uint8)] + ([np.array([0, 1])] if labels else [])
+    np.savez(path, *arrays)
+    return path
+
+
+ERRORS = {
+    "missing_checkpoint": ("classifier_sample.py", lambda m, d: ["--model_path", d / "missing.pt", "--classifier_path", m["clf"]], "checkpoint not found: "),
+    "truncated_checkpoint": ("image_sample.py", lambda m, d: ["--model_path", d / "truncated.pt"], "cannot read checkpoint "),
+    "flags_do_not_fit": ("image_sample.py", lambda m, d: ["--model_path", m["cond"], "--num_channels", 64], "does not fit the model built from these flags: "),
+    "classifier_of_another_size": (
+        "classifier_sample.py", lambda m, d: ["--model_path", m["cond"], "--classifier_path", m["clf32"]], "has image_size 32 but --model_path"),
+    "model_path_is_a_classifier": ("image_sample.py", lambda m, d: ["--model_path", m["clf"]], "is a classifier (says"),
+    "num_samples_zero": ("image_sample.py", lambda m, d: ["--model_path", m["cond"], "--num_samples", 0], "--num_samples must be positive (got 0)"),
+    "respacing": ("image_sample.py", lambda m, d: ["--model_path", m["cond"], "--timestep_respacing", 300], "--timestep_respacing '300' cannot be made from 100 steps"),
+    # tests may run as root, which writes anywhere: a path under a regular file is unwritable for everyone
+    "unwritable_output": ("image_sample.py", lambda m, d: ["--model_path", m["cond"], "--output", d / "truncated.pt" / "out"], "cannot write to the output folder"),
+    "nan": ("image_sample.py", lambda m, d: ["--model_path", m["nan"], "--seed", 0], "NaN or infinite values at sampling step 1 of 4 (timestep index 3) in sample(s) 0, 1"),
+    "base_of_wrong_size": (
+        "super_res_sample.py", lambda m, d: ["--model_path", m["sr"], "--base_samples", _base(d / "b8.npz", 8)], "holds 8x8 images but the upsampler takes 16x16"),
+    "base_without_labels": (
+        "super_res_sample.py", lambda m, d: ["--model_path", m["sr"], "--base_samples", _base(d / "b16.npz", 16, labels=False)],
+        "has no labels (arr_1) but the upsampler is class-conditional"),
+    "classifier_free_div_mode": (
+        "classifier_free_sample.py", lambda m, d: ["--model_path", m["uncond"], "--cond_model_path", m["cond"], "--pxp_mode", "cls_den_div2"],
+        "classifier-free guidance has no diversity projection"),
+}
+
+
+@pytest.fixture(scope="module")
+def error_runs(models, tmp_path_factory):
+    """Every bad-input run of ERRORS, two at a time."""
+    d = tmp_path_factory.mktemp("errors")
+    (d / "truncated.pt").write_bytes(open(models["cond"], "rb").read()[:5000])
+
+    def one(case):
+        script, flags, _ = ERRORS[case]
+        flags = ["--num_samples", 2, "--timestep_respacing", 4, "--output", d / case, *flags(models, d)]  # the last value of a flag wins
+        return subprocess.run(_command(script, flags), capture_output=True, text=True, env=_env(), timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(ERRORS, pool.map(one, ERRORS)))
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_input_gives_one_line_and_status_2(error_runs, case):
+    script, _, message = ERRORS[case]
+    proc = error_runs[case]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: error: ") and message in last, proc.stderr
+
