@@ -54,20 +54,27 @@ def classifier_guidance(classifier, scale):
     return cond_fn
 
 
-def median_seconds(fn, device, warmup, repeats):
-    """Median wall time of fn() over repeats, after warmup calls, synchronising CUDA."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def seconds(fn, device):
+    """Wall time of one fn() call, synchronising CUDA around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_medians(fns, device, warmup, repeats):
+    """Median time of each named function, timed round-robin so background load hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(seconds(fn, device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def time_modes(args):
@@ -82,21 +89,24 @@ def time_modes(args):
     t = torch.full((args.batch_size,), args.timestep, device=device)
     cond_fn = classifier_guidance(classifier, args.classifier_scale)
     directions = pxp.Directions(*(torch.randn(x.shape, generator=gen).to(device) for _ in range(4)))
-    rows = []
-    for mode in args.modes.split(","):
-        diffusion = create_gaussian_diffusion(
+    modes = args.modes.split(",")
+    diffusions = {
+        mode: create_gaussian_diffusion(
             steps=flags["diffusion_steps"], learn_sigma=flags["learn_sigma"], noise_schedule=flags["noise_schedule"],
             timestep_respacing=args.timestep_respacing, pxp_mode=mode,
         )
+        for mode in modes
+    }
 
-        def step():
-            with torch.no_grad():
-                diffusion.p_sample(model, x, t, cond_fn=cond_fn, model_kwargs=kwargs, noise=noise)
+    def step(diffusion):
+        with torch.no_grad():
+            diffusion.p_sample(model, x, t, cond_fn=cond_fn, model_kwargs=kwargs, noise=noise)
 
-        step_s = median_seconds(step, device, args.warmup, args.repeats)
-        combine_s = median_seconds(lambda: pxp.combine(directions, diffusion.pxp), device, args.warmup, max(args.repeats, 20))
-        rows.append((mode, step_s, combine_s if mode != "none" else 0.0))
-    return rows
+    steps = interleaved_medians({m: (lambda d=d: step(d)) for m, d in diffusions.items()}, device, args.warmup, args.repeats)
+    combines = interleaved_medians(
+        {m: (lambda d=d: pxp.combine(directions, d.pxp)) for m, d in diffusions.items()}, device, args.warmup, max(args.repeats, 20)
+    )
+    return [(mode, steps[mode], combines[mode] if mode != "none" else 0.0) for mode in modes]
 
 
 def format_table(args, rows):
