@@ -37,9 +37,13 @@ def build_networks(arch, device, seed=0):
     model_flags, classifier_flags = official_flags(arch)
     model_flags = parse_flags(model_flags, DEFAULTS["model"]())
     torch.manual_seed(seed)
-    model = build("model", model_flags).to(device).eval()
-    classifier = build("classifier", parse_flags(classifier_flags, DEFAULTS["classifier"]())).to(device).eval()
-    return model, classifier, model_flags
+    model = build("model", model_flags)
+    classifier = build("classifier", parse_flags(classifier_flags, DEFAULTS["classifier"]()))
+    for net in (model, classifier):
+        for module in net.modules():  # zero-initialised output layers would make whole paths constant
+            if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) and not module.weight.any():
+                module.reset_parameters()
+    return model.to(device).eval(), classifier.to(device).eval(), model_flags
 
 
 def classifier_guidance(classifier, scale):

@@ -166,14 +166,14 @@ class ResBlock(TimestepBlock):
 
 
 def _attend(q, k, v):
-    """Softmax attention over the last axis of [N, heads, C, T] tensors; returns [N, heads*C, T].
+    """Softmax attention of [N, heads, T, C] tensors (last axis contiguous); returns [N, T, heads*C].
 
-    Equal to scaling q and k by C^-1/4 each, as the original does; the fused kernel keeps
-    the softmax in float32 accumulation.
+    Equal to scaling q and k by C^-1/4 each, as the original does. Token-major inputs let
+    scaled_dot_product_attention pick its fused kernels (flash attention on CPU and GPU),
+    which keep the softmax accumulation in float32.
     """
-    n, heads, ch, length = q.shape
-    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-    return out.transpose(-1, -2).reshape(n, heads * ch, length)
+    n, heads, length, ch = q.shape
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, heads * ch)
 
 
 class QKVAttentionLegacy(nn.Module):
@@ -184,24 +184,31 @@ class QKVAttentionLegacy(nn.Module):
         self.n_heads = n_heads
 
     def forward(self, qkv):
-        n, width, length = qkv.shape
+        """[N, 3*H*C, T] -> [N, H*C, T], the original interface."""
+        return self.attend_tokens(qkv.transpose(1, 2)).transpose(1, 2)
+
+    def attend_tokens(self, qkv):
+        """[N, T, 3*H*C] -> [N, T, H*C]: attention on token-major projections."""
+        n, length, width = qkv.shape
         ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(n, self.n_heads, 3, ch, length).unbind(dim=2)
+        q, k, v = qkv.reshape(n, length, self.n_heads, 3, ch).permute(3, 0, 2, 1, 4).unbind(0)
         return _attend(q, k, v)
 
 
-class QKVAttention(nn.Module):
+class QKVAttention(QKVAttentionLegacy):
     """Multi-head attention on qkv channels ordered all q, then all k, then all v."""
 
-    def __init__(self, n_heads):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, qkv):
-        n, width, length = qkv.shape
+    def attend_tokens(self, qkv):
+        """[N, T, 3*H*C] -> [N, T, H*C]: attention on token-major projections."""
+        n, length, width = qkv.shape
         ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(n, 3, self.n_heads, ch, length).unbind(dim=1)
+        q, k, v = qkv.reshape(n, length, 3, self.n_heads, ch).permute(2, 0, 3, 1, 4).unbind(0)
         return _attend(q, k, v)
+
+
+def _pointwise(conv, tokens):
+    """A 1x1 Conv1d applied to token-major [N, T, C] input as a matrix product (no im2col)."""
+    return F.linear(tokens, conv.weight[:, :, 0], conv.bias)
 
 
 class AttentionBlock(nn.Module):
@@ -227,8 +234,9 @@ class AttentionBlock(nn.Module):
     def _forward(self, x):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
-        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
-        return (x + h).reshape(b, c, *spatial)
+        tokens = self.norm(x).transpose(1, 2)  # [b, T, c]: the projections run as matrix products
+        h = _pointwise(self.proj_out, self.attention.attend_tokens(_pointwise(self.qkv, tokens)))
+        return (x + h.transpose(1, 2)).reshape(b, c, *spatial)
 
 
 class AttentionPool2d(nn.Module):
@@ -246,9 +254,9 @@ class AttentionPool2d(nn.Module):
         b, c = x.shape[:2]
         x = x.reshape(b, c, -1)
         x = th.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
-        x = x + self.positional_embedding[None].to(x.dtype)
-        x = self.c_proj(self.attention(self.qkv_proj(x)))
-        return x[:, :, 0]
+        tokens = (x + self.positional_embedding[None].to(x.dtype)).transpose(1, 2)
+        pooled = self.attention.attend_tokens(_pointwise(self.qkv_proj, tokens))[:, 0]
+        return F.linear(pooled, self.c_proj.weight[:, :, 0], self.c_proj.bias)  # only the mean token is used
 
 
 class _EncoderLayout:
