@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -112,20 +113,55 @@ def _configure_logging(args):
 
 
 def run_script(main):
-    """Run a script's main() in a process group; bad input prints one line (rank 0) and exits with status 2."""
+    """Run a script's main() in a process group; a failure on any rank ends every rank with one line from rank 0.
+
+    Bad input exits with status 2 and no traceback; anything else prints its traceback on the
+    rank where it happened and exits with status 1.
+    """
     dist_util.setup_dist()
     if dist.get_world_size() > 1 and not th.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         th.set_num_threads(max(1, len(os.sched_getaffinity(0)) // dist.get_world_size()))  # ranks share the cores
     status = 0
     try:
-        main()
-    except UsageError as e:
+        try:
+            main()
+        except _Failed:
+            raise
+        except Exception as e:  # outside a collective: the other ranks wait in one, or fail here too
+            _agree(_failure(e))
+    except _Failed as e:
+        status = e.status
         if dist.get_rank() == 0:
             print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        status = 2
     finally:
         dist.destroy_process_group()
     sys.exit(status)
+
+
+class _Failed(Exception):
+    """A failure that every rank has learnt of, with the exit status it calls for."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def _failure(e):
+    """(exit status, one-line message) for an exception on this rank; a bug's traceback is printed here."""
+    if isinstance(e, UsageError):
+        return 2, str(e)
+    traceback.print_exc()
+    return 1, f"{type(e).__name__}: {e}"
+
+
+def _agree(failure):
+    """Share this rank's failure (or None) with all ranks; raise _Failed on every rank if any failed."""
+    comm = dist_util._mpi_comm()
+    failures = comm.allgather(failure) if comm else [failure]
+    for rank, found in enumerate(failures):
+        if found:
+            status, message = found
+            raise _Failed(status, message if rank == 0 else f"(rank {rank}) {message}")
 
 
 class Checkpoint:
@@ -302,12 +338,11 @@ class Output:
         self.partial = self.path[: -len(".npz")] + ".partial"
 
     def finished(self):
-        """Whether the samples are already there (and then say where): a finished run is not redone."""
-        if not os.path.exists(self.path):
-            return False
-        if dist.get_rank() == 0:
+        """Whether the samples are already there (rank 0 looks, and says where): a finished run is not redone."""
+        done = _collective(lambda: dist.get_rank() == 0 and os.path.exists(self.path), broadcast=True)
+        if done and dist.get_rank() == 0:
             print(f"already sampled: {self.path} (delete it to sample again)")
-        return True
+        return done
 
 
 def sample(args, task, out):
@@ -330,34 +365,32 @@ def sample(args, task, out):
     if todo:
         seconds = time.time() - started
         logger.log(f"made {len(todo)} samples in {seconds:.1f} s ({len(todo) / seconds:.2f} samples/s)")
-    if rank == 0:
-        _finish(args, task, out, progress)
-    dist.barrier()
+    _collective(lambda: rank == 0 and _finish(args, task, out, progress), broadcast=True)
 
 
 def _collective(fn, broadcast=False):
-    """fn() on every rank; a UsageError on any rank is raised on all. Returns rank 0's value broadcast,
-    or every rank's value on rank 0 (None elsewhere)."""
+    """fn() on every rank, then a failure on any rank is raised on all (see run_script).
+
+    Python objects travel over MPI, as in ADM: torch.distributed's object collectives leave
+    tensors in gloo's threads that can abort the interpreter when it exits right after.
+
+    Returns rank 0's value on every rank when broadcast, else every rank's value on rank 0 (None elsewhere).
+    """
     try:
-        value, error = fn(), None
-    except UsageError as e:
-        value, error = None, str(e)
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    if any(errors):
-        raise UsageError(next(filter(None, errors)))
+        value, failure = fn(), None
+    except Exception as e:  # every rank must learn of it, or the others would wait forever
+        value, failure = None, _failure(e)
+    _agree(failure)
     if broadcast:
         return _broadcast(value)
-    values = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(value, values, dst=0)
-    return values
+    comm = dist_util._mpi_comm()
+    return comm.gather(value, root=0) if comm else [value]
 
 
 def _broadcast(value):
     """Rank 0's value, on every rank."""
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    comm = dist_util._mpi_comm()
+    return comm.bcast(value, root=0) if comm else value
 
 
 def _sample_seed(seed, index, stream):

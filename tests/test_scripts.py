@@ -129,6 +129,17 @@ def test_same_samples_whatever_the_ranks_and_batch_size(models, reference, tmp_p
         assert step == pytest.approx(ref_step, abs=1e-6)  # the same sums, added in another order
 
 
+def test_bad_input_on_one_rank_ends_every_rank(models, tmp_path):
+    if shutil.which("mpiexec") is None:
+        pytest.skip("mpiexec not found (pip install mpich)")
+    # rank 1 starts in a folder without the checkpoint (as on a node that lacks the file): rank 0 must not wait forever
+    command = _command("classifier_sample.py", ["--model_path", "cond.pt", "--classifier_path", models["clf"], "--output", tmp_path])
+    mpmd = ["mpiexec", "-n", "1", "-wdir", str(models["dir"]), *command, ":", "-n", "1", "-wdir", str(tmp_path), *command]
+    proc = subprocess.run(mpmd, capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("classifier_sample.py: error: (rank 1) checkpoint not found: cond.pt")
+
+
 def test_png_grid_of_the_first_samples(reference):
     out, _ = reference
     images = _npz(out / "samples_5x16x16x3.npz")["arr_0"]
