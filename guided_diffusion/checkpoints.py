@@ -185,3 +185,14 @@ def load_weights(model, path):
         raise UsageError(message)
     model.load_state_dict(state_dict)
     return model
+
+
+def load_with_sidecar(path):
+    """(network in eval mode, its flags) of a checkpoint whose sidecar `<path>.json` says its kind and flags."""
+    flag_string = sidecar_flags(path)
+    if flag_string is None:
+        raise UsageError(f"{path} has no sidecar {path}.json saying which flags build it")
+    with open(f"{path}.json") as f:
+        kind = json.load(f).get("kind", "model")
+    flags = parse_flags(flag_string, DEFAULTS[kind]())
+    return load_weights(build(kind, flags), path).eval(), flags

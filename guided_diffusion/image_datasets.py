@@ -19,10 +19,13 @@ def load_data(*, data_dir, batch_size, image_size, class_cond=False, determinist
     """Yield (images, kwargs) batches forever: images [N, 3, S, S] in [-1, 1], kwargs {"y": labels}.
 
     With class_cond the class of `dog_123.png` is "dog" (the text before the first
-    underscore); classes are numbered in sorted order. Each rank reads its own shard.
+    underscore); classes are numbered in sorted order. Each rank reads its own shard. Bad
+    input raises UsageError at the call, before any batch is drawn.
     """
     if not data_dir:
         raise UsageError("no --data_dir given: point it at a folder of images")
+    if not bf.isdir(data_dir):
+        raise UsageError(f"--data_dir {data_dir} is not a folder")
     all_files = list_image_files_recursively(data_dir)
     if not all_files:
         raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {data_dir}")
@@ -36,6 +39,11 @@ def load_data(*, data_dir, batch_size, image_size, class_cond=False, determinist
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=not deterministic, num_workers=1, drop_last=True)
     if len(dataset) < batch_size:
         raise UsageError(f"{len(dataset)} images per rank are fewer than --batch_size {batch_size}")
+    return _forever(loader)
+
+
+def _forever(loader):
+    """The loader's batches, epoch after epoch."""
     while True:
         yield from loader
 

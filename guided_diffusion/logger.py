@@ -170,6 +170,11 @@ def get_current():
     return _current
 
 
+def default_dir():
+    """$OPENAI_LOGDIR, else a fresh time-stamped folder name in the temporary directory."""
+    return os.getenv("OPENAI_LOGDIR") or os.path.join(tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f"))
+
+
 def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
     """Log to `dir` (default: $OPENAI_LOGDIR, else a fresh temporary folder).
 
@@ -177,11 +182,7 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
     other ranks write only a log file with their rank as suffix.
     """
     global _current
-    if dir is None:
-        dir = os.getenv("OPENAI_LOGDIR") or os.path.join(
-            tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f")
-        )
-    dir = os.path.expanduser(dir)
+    dir = os.path.expanduser(dir or default_dir())
     os.makedirs(dir, exist_ok=True)
     rank = _mpi_rank()
     if rank > 0:

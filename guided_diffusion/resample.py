@@ -6,6 +6,8 @@ import numpy as np
 import torch as th
 import torch.distributed as dist
 
+from .errors import UsageError
+
 
 def create_named_schedule_sampler(name, diffusion):
     """A sampler by flag name: `uniform` or `loss-second-moment`."""
@@ -13,7 +15,7 @@ def create_named_schedule_sampler(name, diffusion):
         return UniformSampler(diffusion)
     if name == "loss-second-moment":
         return LossSecondMomentResampler(diffusion)
-    raise NotImplementedError(f"unknown schedule sampler {name!r}: use uniform or loss-second-moment")
+    raise UsageError(f"unknown schedule sampler {name!r}: use uniform or loss-second-moment")
 
 
 class ScheduleSampler(ABC):

@@ -3,6 +3,7 @@
 import copy
 import functools
 import glob
+import json
 import os
 import re
 
@@ -21,9 +22,11 @@ from .resample import LossAwareSampler, UniformSampler
 class TrainLoop:
     """Train `model` on batches from `data` with `diffusion.training_losses`.
 
-    Checkpoints (`modelNNNNNN.pt`, `optNNNNNN.pt`, `ema_<rate>_NNNNNN.pt`) go to the log
-    directory every `save_interval` steps, written atomically; with no `resume_checkpoint`
-    the loop resumes from the newest model checkpoint already there.
+    Checkpoints (`modelNNNNNN.pt`, `optNNNNNN.pt`, `ema_<rate>_NNNNNN.pt`, the state after
+    NNNNNN steps) go to the log directory every `save_interval` steps, written atomically, the
+    model file last; with no `resume_checkpoint` the loop resumes from the newest model
+    checkpoint already there. `sidecar` ({"kind", "flags"}) is written as `<checkpoint>.json`
+    beside the model and EMA checkpoints, so that they load without flags.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class TrainLoop:
         schedule_sampler=None,
         weight_decay=0.0,
         lr_anneal_steps=0,
+        sidecar=None,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -61,6 +65,7 @@ class TrainLoop:
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
+        self.sidecar = sidecar
 
         self.step = 0
         self.resume_step = 0
@@ -106,29 +111,39 @@ class TrainLoop:
             with bf.BlobFile(opt_checkpoint, "rb") as f:
                 self.opt.load_state_dict(th.load(f, map_location=dist_util.dev(), weights_only=True))
 
+    @property
+    def global_step(self):
+        """Steps taken so far, counting those before the resumed checkpoint."""
+        return self.step + self.resume_step
+
     def run_loop(self):
-        """Train until lr_anneal_steps (forever when 0), logging and saving on schedule."""
-        while not self.lr_anneal_steps or self.step + self.resume_step < self.lr_anneal_steps:
+        """Train until lr_anneal_steps steps in all (forever when 0), logging and saving on schedule.
+
+        A run that already reached lr_anneal_steps does nothing; `DIFFUSION_TRAINING_TEST`
+        stops after the first save.
+        """
+        while not self.lr_anneal_steps or self.global_step < self.lr_anneal_steps:
             batch, cond = next(self.data)
             self.run_step(batch, cond)
-            if self.step % self.log_interval == 0:
-                logger.dumpkvs()
-            if self.step % self.save_interval == 0:
-                self.save()
-                if os.environ.get("DIFFUSION_TRAINING_TEST", "") and self.step > 0:
-                    return
             self.step += 1
-        if (self.step - 1) % self.save_interval != 0:
+            if self.global_step % self.log_interval == 0:
+                logger.dumpkvs()
+            if self.global_step % self.save_interval == 0:
+                self.save()
+                if os.environ.get("DIFFUSION_TRAINING_TEST", ""):
+                    return
+        if self.step and self.global_step % self.save_interval:
             self.save()
 
     def run_step(self, batch, cond):
+        """One optimizer step on a batch, then the EMA update and the learning-rate annealing."""
         self.forward_backward(batch, cond)
         if self.mp_trainer.optimize(self.opt):
             for rate, params in zip(self.ema_rate, self.ema_params):
                 update_ema(params, self.mp_trainer.master_params, rate=rate)
         self._anneal_lr()
-        logger.logkv("step", self.step + self.resume_step)
-        logger.logkv("samples", (self.step + self.resume_step + 1) * self.global_batch)
+        logger.logkv("step", self.global_step + 1)
+        logger.logkv("samples", (self.global_step + 1) * self.global_batch)
 
     def forward_backward(self, batch, cond):
         """Accumulate gradients over microbatches (DDP syncs on the last one only)."""
@@ -137,18 +152,22 @@ class TrainLoop:
             micro = batch[i : i + self.microbatch].to(dist_util.dev())
             micro_cond = {k: v[i : i + self.microbatch].to(dist_util.dev()) for k, v in cond.items()}
             last_batch = i + self.microbatch >= batch.shape[0]
-            t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
-            compute_losses = functools.partial(self.diffusion.training_losses, self.ddp_model, micro, t, model_kwargs=micro_cond)
+            compute_loss = functools.partial(self.compute_loss, micro, micro_cond)
             if last_batch or self.ddp_model is self.model:
-                losses = compute_losses()
+                loss = compute_loss()
             else:
                 with self.ddp_model.no_sync():
-                    losses = compute_losses()
-            if isinstance(self.schedule_sampler, LossAwareSampler):
-                self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
-            loss = (losses["loss"] * weights).mean()
-            log_loss_dict(self.diffusion, t, {k: v * weights for k, v in losses.items()})
+                    loss = compute_loss()
             self.mp_trainer.backward(loss)
+
+    def compute_loss(self, micro, micro_cond):
+        """The loss of one microbatch to backpropagate (the diffusion loss at sampled timesteps), logged."""
+        t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
+        losses = self.diffusion.training_losses(self.ddp_model, micro, t, model_kwargs=micro_cond)
+        if isinstance(self.schedule_sampler, LossAwareSampler):
+            self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+        log_loss_dict(self.diffusion, t, {k: v * weights for k, v in losses.items()})
+        return (losses["loss"] * weights).mean()
 
     def _anneal_lr(self):
         if not self.lr_anneal_steps:
@@ -158,16 +177,25 @@ class TrainLoop:
             param_group["lr"] = self.lr * (1 - frac_done)
 
     def save(self):
-        """Write the model, EMA and optimizer checkpoints of this step (rank 0, atomically)."""
-        step = self.step + self.resume_step
+        """Write the EMA, optimizer and model checkpoints of this step (rank 0, atomically).
+
+        The model file, which marks the step as resumable, comes last.
+        """
+        step = self.global_step
         if not dist.is_initialized() or dist.get_rank() == 0:
-            save_atomically(self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params), f"model{step:06d}.pt")
             for rate, params in zip(self.ema_rate, self.ema_params):
-                save_atomically(self.mp_trainer.master_params_to_state_dict(params), f"ema_{rate}_{step:06d}.pt")
+                self._save_network(params, f"ema_{rate}_{step:06d}.pt")
             save_atomically(self.opt.state_dict(), f"opt{step:06d}.pt")
+            self._save_network(self.mp_trainer.master_params, f"model{step:06d}.pt")
             logger.log(f"saved checkpoints of step {step}")
         if dist.is_initialized():
             dist.barrier()
+
+    def _save_network(self, params, filename):
+        """Save a state dict with these parameters, preceded by its sidecar flags file."""
+        if self.sidecar:
+            write_sidecar(bf.join(get_blob_logdir(), filename), **self.sidecar)
+        save_atomically(self.mp_trainer.master_params_to_state_dict(params), filename)
 
 
 def save_atomically(obj, filename, directory=None):
@@ -177,6 +205,15 @@ def save_atomically(obj, filename, directory=None):
     with bf.BlobFile(tmp_path, "wb") as f:
         th.save(obj, f)
     os.replace(tmp_path, path)
+
+
+def write_sidecar(checkpoint_path, kind, flags):
+    """Write `<checkpoint_path>.json` = {"kind", "flags"}: what builds the network the checkpoint fits."""
+    tmp_path = f"{checkpoint_path}.json.tmp"
+    with open(tmp_path, "w") as f:
+        json.dump({"kind": kind, "flags": flags}, f, indent=1)
+        f.write("\n")
+    os.replace(tmp_path, f"{checkpoint_path}.json")
 
 
 def parse_resume_step_from_filename(filename):

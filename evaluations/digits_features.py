@@ -1,0 +1,149 @@
+"""The "Inception" of the digits domain: a small CNN trained on the clean digits train split only,
+independent of the diffusion models and the noisy classifier, whose penultimate features stand
+in for Inception's pool_3 (FID, precision, recall) and whose logits give the accuracy of
+samples on their target labels.
+
+    python evaluations/digits_features.py            # train it: models/digits_evaluator.pt (+ .json)
+
+    from evaluations.digits_features import load_evaluator
+    features, logits = load_evaluator()(images)     # images: uint8 [N, H, W, 3]
+
+Images of any size are averaged over their channels and area-resized to 8x8 (the digits' own
+resolution), so samples at 8x8 or upscaled sizes are scored alike.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch as th
+import torch.nn as nn
+import torch.nn.functional as F
+
+from guided_diffusion.checkpoints import load_weights, parse_flags, sidecar_flags
+from guided_diffusion.digits import digits_split
+from guided_diffusion.errors import UsageError
+from guided_diffusion.train_util import write_sidecar
+
+DEFAULT_PATH = Path(__file__).resolve().parents[1] / "models" / "digits_evaluator.pt"
+NUM_CLASSES = 10
+DEFAULTS = dict(width=32, feature_dim=128)  # the architecture flags of the sidecar
+
+
+class DigitsNet(nn.Module):
+    """Two conv stages (8x8 -> 4x4 -> 2x2) and a hidden layer whose ReLU output is the feature vector."""
+
+    def __init__(self, width=32, feature_dim=128):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.hidden = nn.Linear(8 * width, feature_dim)
+        self.dropout = nn.Dropout(0.3)
+        self.out = nn.Linear(feature_dim, NUM_CLASSES)
+
+    def forward(self, x):
+        """(features [N, feature_dim], logits [N, 10]) of gray images [N, 1, 8, 8] in [0, 1]."""
+        features = F.relu(self.hidden(self.conv(x).flatten(1)))
+        return features, self.out(self.dropout(features))
+
+
+def to_input(images):
+    """uint8 [N, H, W, 3] images as the network's gray 8x8 input in [0, 1]."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise UsageError(f"expected uint8 images [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+    x = th.from_numpy(images).float().mean(dim=-1, keepdim=True).permute(0, 3, 1, 2) / 255
+    return x if x.shape[-1] == 8 and x.shape[-2] == 8 else F.interpolate(x, size=(8, 8), mode="area")
+
+
+class DigitsFeatures:
+    """A trained DigitsNet as a function of uint8 image batches: (features, logits) as numpy arrays."""
+
+    def __init__(self, net, device="cpu", batch_size=500):
+        self.net = net.to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+
+    @th.no_grad()
+    def __call__(self, images):
+        """(features [N, feature_dim], logits [N, 10]) of uint8 images [N, H, W, 3]."""
+        x = to_input(images)
+        outs = [self.net(x[i : i + self.batch_size].to(self.device)) for i in range(0, len(x), self.batch_size)]
+        return tuple(th.cat(parts).cpu().numpy() for parts in zip(*outs))
+
+    def accuracy(self, images, labels):
+        """Fraction of images classified as their label."""
+        return float((self(images)[1].argmax(-1) == np.asarray(labels)).mean())
+
+
+def load_evaluator(path=DEFAULT_PATH, device="cpu"):
+    """The committed (or another trained) evaluator network, architecture from its sidecar."""
+    flag_string = sidecar_flags(path) or ""
+    flags = parse_flags(flag_string, DEFAULTS)
+    return DigitsFeatures(load_weights(DigitsNet(**flags), path), device)
+
+
+def shift_augment(x, generator, max_shift=1):
+    """Translate each image by up to max_shift pixels (zero fill), the one augmentation used."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, [max_shift] * 4)
+    dy, dx = th.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
+    out = th.empty_like(x)
+    for sy in range(2 * max_shift + 1):
+        for sx in range(2 * max_shift + 1):
+            sel = (dy == sy) & (dx == sx)
+            out[sel] = padded[sel, :, sy : sy + h, sx : sx + w]
+    return out
+
+
+def train_evaluator(out_path=DEFAULT_PATH, epochs=60, batch_size=64, lr=2e-3, seed=0, width=32, feature_dim=128):
+    """Train on the clean train split, save the weights and sidecar; returns the held-out accuracy."""
+    split = digits_split()
+    images, labels, _ = split["train"]
+    x, y = to_input(images), th.from_numpy(labels)
+    th.manual_seed(seed)
+    gen = th.Generator().manual_seed(seed)
+    net = DigitsNet(width, feature_dim)
+    opt = th.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = th.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * (len(x) // batch_size))
+    for epoch in range(epochs):
+        net.train()
+        order = th.randperm(len(x), generator=gen)
+        for i in range(0, len(x) - batch_size + 1, batch_size):
+            idx = order[i : i + batch_size]
+            loss = F.cross_entropy(net(shift_augment(x[idx], gen))[1], y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    held_images, held_labels, _ = split["held_out"]
+    accuracy = DigitsFeatures(net).accuracy(held_images, held_labels)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    th.save(net.state_dict(), out_path)
+    write_sidecar(str(out_path), "digits_features", f"--width {width} --feature_dim {feature_dim}")
+    return accuracy
+
+
+def main():
+    """Train the evaluator from the command line and print its held-out accuracy."""
+    parser = argparse.ArgumentParser(description="Train the digits evaluator network on the clean train split.")
+    parser.add_argument("--out", default=str(DEFAULT_PATH))
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    start = time.time()
+    accuracy = train_evaluator(args.out, epochs=args.epochs, seed=args.seed)
+    print(f"held-out accuracy {accuracy:.4f}; saved {args.out} ({time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
