@@ -1,10 +1,13 @@
 """Time a classifier-guided sampling step (UNet forward + classifier forward/backward + update).
 
 Builds the official architectures from their README flags with seeded random weights (no
-download), and reports milliseconds per step and images per second for every --pxp_mode,
-with the PixelAsParam overhead relative to plain ADM-G on the same model and inputs.
+download), and reports milliseconds per step, images per second and achieved TFLOP/s (FLOPs
+of one step counted by torch.utils.flop_counter) for every --pxp_mode, with the PixelAsParam
+overhead relative to plain ADM-G on the same model and inputs. On CUDA it also reports the
+fraction of the card's measured matrix-multiply rate in the same dtype.
 
     python benchmarks/sample_speed.py --arch 64 --batch_size 4 --modes none,cls_den,cls_den_div2
+    python benchmarks/sample_speed.py --arch 256 --dtype bf16 --channels_last True --compile True
 """
 
 import argparse
@@ -12,10 +15,23 @@ import statistics
 import time
 
 import torch
+import torch.utils.flop_counter as flop_counter
 
 from guided_diffusion import pixel_as_param as pxp
 from guided_diffusion.checkpoints import DEFAULTS, OFFICIAL, build, parse_flags
-from guided_diffusion.script_util import create_gaussian_diffusion
+from guided_diffusion.sampling import classifier_guidance, speed_up
+from guided_diffusion.script_util import create_gaussian_diffusion, str2bool
+
+# the CPU attention kernels, which torch's flop counter does not know (it counts the CUDA ones); it passes shapes
+_CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: (
+        lambda q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_flop_count(q, k, v)
+    ),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+        lambda grad, q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_backward_flop_count(grad, q, k, v)
+    ),
+}
+_DTYPES = {"float32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # --arch quick: a tiny model for smoke tests of this script
 QUICK_FLAGS = (
@@ -46,18 +62,6 @@ def build_networks(arch, device, seed=0):
     return model.to(device).eval(), classifier.to(device).eval(), model_flags
 
 
-def classifier_guidance(classifier, scale):
-    """ADM's cond_fn: scale * grad_x log p(y | x_t, t)."""
-
-    def cond_fn(x, t, y=None):
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            log_probs = torch.log_softmax(classifier(x_in, t), dim=-1)
-            return torch.autograd.grad(log_probs[range(len(y)), y].sum(), x_in)[0] * scale
-
-    return cond_fn
-
-
 def seconds(fn, device):
     """Wall time of one fn() call, synchronising CUDA around it."""
     if device.type == "cuda":
@@ -81,8 +85,34 @@ def interleaved_medians(fns, device, warmup, repeats):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def prepare(nets, args, device):
+    """The networks in --dtype with the speed options applied, and the dtype they really compute in."""
+    dtype = args.dtype
+    if dtype == "fp16" and device.type != "cuda":
+        print(f"--dtype fp16 is ADM's float16 conversion, which needs CUDA: timing float32 on {device.type}")
+        dtype = "float32"
+    if dtype == "fp16":
+        for net in nets:
+            net.convert_to_fp16()
+    return [speed_up(net, "bf16" if dtype == "bf16" else "", args.channels_last, args.compile) for net in nets], dtype
+
+
+def count_flops(fn):
+    """FLOPs of one fn() call: matrix products, convolutions and attention, forward and backward."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_rate(device, dtype, n=8192, repeats=10):
+    """The device's measured matrix-multiply rate in FLOP/s: the median time of an n x n product in dtype."""
+    a, b = (torch.randn(n, n, device=device, dtype=_DTYPES[dtype]) for _ in range(2))
+    return 2 * n**3 / interleaved_medians({"matmul": lambda: a @ b}, device, 3, repeats)["matmul"]
+
+
 def time_modes(args):
-    """Rows of (mode, seconds per guided step, seconds of the direction combination alone)."""
+    """The timings: rows of (mode, seconds per guided step, seconds of the direction combination alone),
+    the dtype timed, the FLOPs of one step and, on CUDA, the matmul rate in that dtype."""
     device = torch.device(args.device)
     model, classifier, flags = build_networks(args.arch, device)
     size = flags["image_size"]
@@ -91,7 +121,6 @@ def time_modes(args):
     noise = torch.randn(x.shape, generator=gen).to(device)
     kwargs = {"y": torch.randint(0, flags["num_classes"], (args.batch_size,), generator=gen).to(device)}
     t = torch.full((args.batch_size,), args.timestep, device=device)
-    cond_fn = classifier_guidance(classifier, args.classifier_scale)
     directions = pxp.Directions(*(torch.randn(x.shape, generator=gen).to(device) for _ in range(4)))
     modes = args.modes.split(",")
     diffusions = {
@@ -102,30 +131,47 @@ def time_modes(args):
         for mode in modes
     }
 
-    def step(diffusion):
+    def step(diffusion, model, classifier):
         with torch.no_grad():
+            cond_fn = classifier_guidance(classifier, args.classifier_scale)
             diffusion.p_sample(model, x, t, cond_fn=cond_fn, model_kwargs=kwargs, noise=noise)
 
-    steps = interleaved_medians({m: (lambda d=d: step(d)) for m, d in diffusions.items()}, device, args.warmup, args.repeats)
+    # counted in float32 and eager (the same FLOPs); the classifier gets a view of its input, not the leaf
+    # itself: FlopCounterMode's module hooks break autograd.grad on leaves (pytorch/pytorch#131753)
+    flops = count_flops(lambda: step(diffusions[modes[0]], model, lambda x_in, t: classifier(x_in.view_as(x_in), t)))
+    (model, classifier), dtype = prepare([model, classifier], args, device)
+    steps = interleaved_medians({m: (lambda d=d: step(d, model, classifier)) for m, d in diffusions.items()}, device, args.warmup, args.repeats)
     combines = interleaved_medians(
         {m: (lambda d=d: pxp.combine(directions, d.pxp)) for m, d in diffusions.items()}, device, args.warmup, max(args.repeats, 20)
     )
-    return [(mode, steps[mode], combines[mode] if mode != "none" else 0.0) for mode in modes]
+    rows = [(mode, steps[mode], combines[mode] if mode != "none" else 0.0) for mode in modes]
+    return dict(rows=rows, dtype=dtype, flops=flops, peak=matmul_rate(device, dtype) if device.type == "cuda" else None)
 
 
-def format_table(args, rows):
-    """A Markdown table of the timings, with the PxP overhead against mode none."""
+def format_table(args, timings):
+    """A Markdown table of the timings, with the achieved FLOP rate and the PxP overhead against mode none."""
+    rows, flops, peak = timings["rows"], timings["flops"], timings["peak"]
     base = dict((mode, s) for mode, s, _ in rows).get("none")
+    options = "".join([", channels_last" if args.channels_last else "", ", compiled" if args.compile else ""])
+    title = (
+        f"arch {args.arch}, batch {args.batch_size}, {args.device}, {timings['dtype']}{options}, t={args.timestep} of "
+        f"{args.timestep_respacing}, median of {args.repeats}; {flops / 1e9:.2f} GFLOP per step (UNet + classifier forward/backward)"
+    )
+    if peak:
+        title += f"; {timings['dtype']} matmul rate {peak / 1e12:.1f} TFLOP/s"
     lines = [
-        f"arch {args.arch}, batch {args.batch_size}, {args.device}, float32, t={args.timestep} of {args.timestep_respacing}, median of {args.repeats}",
+        title,
         "",
-        "| pxp_mode | ms/step | images/s | vs none | combine alone (ms, % of step) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| pxp_mode | ms/step | images/s | TFLOP/s |" + (" % of matmul rate |" if peak else "") + " vs none | combine alone (ms, % of step) |",
+        "| --- | ---: | ---: | ---: |" + (" ---: |" if peak else "") + " ---: | ---: |",
     ]
     for mode, step_s, combine_s in rows:
         overhead = f"{100 * (step_s / base - 1):+.1f}%" if base and mode != "none" else ""
         combine = f"{1000 * combine_s:.3f} ({100 * combine_s / step_s:.2f}%)" if mode != "none" else ""
-        lines.append(f"| {mode} | {1000 * step_s:.1f} | {args.batch_size / step_s:.2f} | {overhead} | {combine} |")
+        fraction = f" {100 * flops / step_s / peak:.1f}% |" if peak else ""
+        lines.append(
+            f"| {mode} | {1000 * step_s:.1f} | {args.batch_size / step_s:.2f} | {flops / step_s / 1e12:.3f} |{fraction} {overhead} | {combine} |"
+        )
     return "\n".join(lines)
 
 
@@ -135,6 +181,9 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--modes", default="none,cls_den,cls_den_div,cls_den_div2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="bf16: autocast; fp16: ADM's conversion (CUDA)")
+    parser.add_argument("--channels_last", type=str2bool, default=False)
+    parser.add_argument("--compile", type=str2bool, default=False, help="torch.compile the UNet and the classifier")
     parser.add_argument("--timestep_respacing", default="250")
     parser.add_argument("--timestep", type=int, default=125, help="respaced index of the timed step")
     parser.add_argument("--classifier_scale", type=float, default=1.0)

@@ -19,6 +19,7 @@ this module does the rest:
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -34,6 +35,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch as th
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -45,8 +47,10 @@ from .pixel_as_param import ClassifierFree, StepStats, plot_stats
 from .respace import space_timesteps
 from .script_util import add_dict_to_argparser, classifier_defaults, create_classifier, create_model_and_diffusion, sr_create_model_and_diffusion
 
-# flags that change how a run is carried out, not which samples it makes
-_NOT_IN_FINGERPRINT = ("batch_size", "grid_size", "pxp_stats")
+# flags that change how a run is carried out, not which samples it makes (channels_last and
+# compile change float32 results only by rounding, as another CPU or thread count would)
+_NOT_IN_FINGERPRINT = ("batch_size", "grid_size", "pxp_stats", "channels_last", "compile")
+_AUTOCAST_DTYPES = {"bf16": th.bfloat16, "fp16": th.float16}
 _LABEL_STREAM, _NOISE_STREAM = 0, 1
 _KIND_NAMES = {"model": "diffusion model", "sr": "super-resolution model", "classifier": "classifier"}
 
@@ -63,6 +67,9 @@ def sampling_defaults():
         output="",
         grid_size=8,
         batch_invariant=True,
+        autocast="",  # "bf16" or "fp16": run the networks under torch.autocast
+        channels_last=False,
+        compile=False,
     )
 
 
@@ -96,6 +103,8 @@ def start(parser, argv=None):
         raise UsageError(f"--seed must be 0 or more (got {args.seed})")
     if args.eta and not args.use_ddim:
         raise UsageError("--eta is DDIM's noise level: add --use_ddim True")
+    if args.autocast and args.autocast not in _AUTOCAST_DTYPES:
+        raise UsageError(f"--autocast must be bf16, fp16 or empty for float32 (got {args.autocast!r})")
     _configure_logging(args)
     return args, explicit
 
@@ -172,7 +181,7 @@ class Checkpoint:
     """
 
     def __init__(self, args, explicit, flag, kind, defaults):
-        self.flag, self.kind, self.path = f"--{flag}", kind, getattr(args, flag)
+        self.flag, self.kind, self.path, self.args = f"--{flag}", kind, getattr(args, flag), args
         if not self.path:
             raise UsageError(f"{self.flag} is required: a checkpoint file (official ones: python models/download.py NAME)")
         self.state_dict = dist_util.load_state_dict(self.path, map_location="cpu")
@@ -235,8 +244,40 @@ class Checkpoint:
         net.load_state_dict(self.state_dict)
         del self.state_dict
         net.to(dist_util.dev())
-        use_fp16_if_supported(net, flags.get("use_fp16", flags.get("classifier_use_fp16")), dist_util.dev())
-        return net.eval(), diffusion
+        use_fp16 = flags.get("use_fp16", flags.get("classifier_use_fp16"))
+        if use_fp16 and self.args.autocast:
+            logger.log(f"{self.flag}: --autocast {self.args.autocast} in place of use_fp16's conversion")
+        else:
+            use_fp16_if_supported(net, use_fp16, dist_util.dev())
+        return speed_up(net.eval(), self.args.autocast, self.args.channels_last, self.args.compile), diffusion
+
+
+def speed_up(net, autocast="", channels_last=False, compile=False):
+    """The network with the speed options applied: autocast ("", "bf16", "fp16"), channels_last, torch.compile."""
+    if autocast or channels_last:
+        net = _Fast(net, _AUTOCAST_DTYPES.get(autocast), channels_last)
+    return th.compile(net) if compile else net
+
+
+class _Fast(nn.Module):
+    """A network run under autocast and/or on channels_last inputs; it returns float32 in the standard layout.
+
+    The diffusion arithmetic after it (x0 from eps, posterior means, guidance) stays float32.
+    """
+
+    def __init__(self, net, autocast_dtype, channels_last):
+        super().__init__()
+        self.net = net.to(memory_format=th.channels_last) if channels_last else net
+        self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
+
+    def forward(self, x, timesteps, **kwargs):
+        dtype = x.dtype
+        if self.channels_last:
+            x = x.contiguous(memory_format=th.channels_last)
+        autocast = th.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        with autocast:
+            out = self.net(x, timesteps, **kwargs)
+        return out.to(dtype, memory_format=th.contiguous_format)
 
 
 def label_aware(model, class_cond):
