@@ -67,6 +67,7 @@ def sampling_defaults():
         output="",
         grid_size=8,
         batch_invariant=True,
+        labels="random",  # or "cycle": sample i gets class i mod num_classes
         autocast="",  # "bf16" or "fp16": run the networks under torch.autocast
         channels_last=False,
         compile=False,
@@ -84,15 +85,21 @@ def create_argparser(*default_dicts, description=None):
     return parser
 
 
-def start(parser, argv=None):
+def start(parser, argv=None, embedded=None):
     """Parse and check the flags and set up logging; returns (args, names of the flags given explicitly).
 
     Knowing which flags were typed lets them override a checkpoint's own flags, while the
-    script's defaults do not.
+    script's defaults do not. `embedded` holds the flags of a run that needs no download: they
+    apply, as if typed, when no --model_path is given (flags that are typed still win).
     """
     unset = object()
     given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset)))
     explicit = {name for name, value in vars(given).items() if value is not unset}
+    if embedded and "model_path" not in explicit:
+        parser.set_defaults(**embedded)
+        explicit |= set(embedded)
+        if dist.get_rank() == 0:
+            print(f"no --model_path: sampling the embedded default ({', '.join(f'--{k} {v}' for k, v in embedded.items())})")
     args = parser.parse_args(argv)
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
@@ -101,6 +108,8 @@ def start(parser, argv=None):
         raise UsageError(f"--grid_size must be 0 (no grid) or more (got {args.grid_size})")
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be 0 or more (got {args.seed})")
+    if args.labels not in ("random", "cycle"):
+        raise UsageError(f"--labels must be random or cycle (got {args.labels!r})")
     if args.eta and not args.use_ddim:
         raise UsageError("--eta is DDIM's noise level: add --use_ddim True")
     if args.autocast and args.autocast not in _AUTOCAST_DTYPES:
@@ -444,7 +453,9 @@ def _sample_batch(args, task, indices):
     device, n = dist_util.dev(), len(indices)
     model_kwargs = task.inputs(indices) if task.inputs else {}
     if task.num_classes:
-        if args.seed is None:
+        if args.labels == "cycle":
+            model_kwargs["y"] = th.as_tensor(indices) % task.num_classes
+        elif args.seed is None:
             model_kwargs["y"] = th.randint(task.num_classes, (n,))
         else:
             gens = [th.Generator().manual_seed(_sample_seed(args.seed, i, _LABEL_STREAM)) for i in indices]
@@ -595,16 +606,22 @@ def _write_stats(stats_dict, path):
         logger.log(f"no plot: {e}")
 
 
-def save_grid(images, grid_size, path):
-    """Tile the first grid_size x grid_size images of a uint8 NHWC array (fewer rows if fewer) into a PNG."""
+def save_grid(images, grid_size, path, min_tile=64):
+    """Tile the first grid_size x grid_size images of a uint8 NHWC array (fewer rows if fewer) into a PNG.
+
+    Images smaller than min_tile pixels are enlarged by an integer factor (nearest neighbour),
+    so that 8x8 digits are big enough to look at.
+    """
     from PIL import Image
 
     n = min(len(images), grid_size * grid_size)
     cols = min(grid_size, n)
     rows = -(-n // cols)
-    height, width = images.shape[1:3]
+    zoom = max(1, min_tile // images.shape[1])
+    tiles = images[:n].repeat(zoom, axis=1).repeat(zoom, axis=2)
+    height, width = tiles.shape[1:3]
     canvas = np.zeros((rows * height, cols * width, 3), dtype=np.uint8)
     for k in range(n):
         r, c = divmod(k, cols)
-        canvas[r * height : (r + 1) * height, c * width : (c + 1) * width] = images[k]
+        canvas[r * height : (r + 1) * height, c * width : (c + 1) * width] = tiles[k]
     Image.fromarray(canvas).save(path)

@@ -1,5 +1,8 @@
 """Like image_sample.py, but a noisy classifier guides each step towards a label (ADM-G or PixelAsParam).
 
+With no --model_path it samples the embedded default: 16 handwritten digits (classes 0-9 in
+turn) from the small digits models in models/, guided by PixelAsParam, in seconds on a CPU.
+
 `--pxp_mode auto` (the default) takes the paper's recipe: cls_den for a class-conditional model,
 cls_den_div2 for an unconditional one; `--pxp_mode none` is ADM-G and `--classifier_scale 0`
 samples without guidance (labels are still drawn, from the classifier's classes).
@@ -8,15 +11,31 @@ samples without guidance (labels are still drawn, from the classifier's classes)
         --classifier_path models/64x64_classifier.pt --classifier_scale 1.0 --timestep_respacing 250
 """
 
+import os
+
 from guided_diffusion import sampling
 from guided_diffusion.script_util import classifier_defaults, model_and_diffusion_defaults
+
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+EMBEDDED = dict(
+    model_path=os.path.join(MODELS, "digits_cond.pt"),
+    classifier_path=os.path.join(MODELS, "digits_classifier.pt"),
+    classifier_scale=2.0,
+    timestep_respacing="100",
+    num_samples=16,
+    batch_size=16,
+    labels="cycle",
+    seed=0,
+    batch_invariant=False,
+    grid_size=4,
+)
 
 
 def main():
     model_defaults = dict(model_and_diffusion_defaults(), pxp_mode="auto")
     guidance = dict(classifier_path="", classifier_scale=1.0, pxp_stats="")
     parser = sampling.create_argparser(sampling.sampling_defaults(), model_defaults, classifier_defaults(), guidance, description=__doc__)
-    args, explicit = sampling.start(parser)
+    args, explicit = sampling.start(parser, embedded=EMBEDDED)
     model_checkpoint = sampling.Checkpoint(args, explicit, "model_path", "model", model_defaults)
     classifier_checkpoint = sampling.Checkpoint(args, explicit, "classifier_path", "classifier", classifier_defaults())
     flags = model_checkpoint.flags

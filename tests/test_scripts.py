@@ -144,10 +144,11 @@ def test_png_grid_of_the_first_samples(reference):
     out, _ = reference
     images = _npz(out / "samples_5x16x16x3.npz")["arr_0"]
     grid = np.asarray(Image.open(out / "samples_5x16x16x3.png"))
-    assert grid.shape == (2 * 16, 4 * 16, 3)  # 5 samples in rows of 4
-    np.testing.assert_array_equal(grid[:16, 16:32], images[1])
-    np.testing.assert_array_equal(grid[16:, :16], images[4])
-    assert not grid[16:, 16:].any()
+    assert grid.shape == (2 * 64, 4 * 64, 3)  # 5 samples in rows of 4, enlarged 4x to tiles of 64 pixels
+    tiles = images.repeat(4, axis=1).repeat(4, axis=2)
+    np.testing.assert_array_equal(grid[:64, 64:128], tiles[1])
+    np.testing.assert_array_equal(grid[64:, :64], tiles[4])
+    assert not grid[64:, 64:].any()
 
 
 def test_pxp_stats_json(reference):

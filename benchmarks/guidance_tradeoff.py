@@ -1,0 +1,298 @@
+"""Does PixelAsParam trade accuracy for FID better than ADM-G? Measured on the digits models.
+
+For the conditional digits model (the paper's recipe: cls_den) and the unconditional one
+(cls_den_div2), sweeps --classifier_scale x guidance setting (ADM-G, the PxP modes, DDPM and
+DDIM, one-sided and lighter projections, the optimizer modes, projection in part of the
+trajectory). Every point samples --num_samples digits per seed, labels 0-9 in turn, and every
+setting sees the same x_T and step noises for a seed (common random numbers). Each point
+reports the evaluator's accuracy on the target labels and FID / precision / recall in its
+feature space against the held-out digits, as mean and 95% confidence interval over seeds.
+
+    python benchmarks/guidance_tradeoff.py                 # the README's numbers (about an hour: run the two models in parallel, one per core)
+    python benchmarks/guidance_tradeoff.py --quick         # a smoke test
+
+It writes `<out>.md` (tables: every point; equal scale; equal accuracy), `<out>.png` (accuracy
+against FID, one curve per setting) and `<out>.json` (every seed's numbers).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats as scipy_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evaluations.digits_features import load_evaluator  # noqa: E402
+from evaluations.metrics import compute_statistics, frechet_distance, precision_recall  # noqa: E402
+from guided_diffusion.checkpoints import load_with_sidecar  # noqa: E402
+from guided_diffusion.digits import digits_split  # noqa: E402
+from guided_diffusion.pixel_as_param import GuidanceOptimizer  # noqa: E402
+from guided_diffusion.sampling import classifier_guidance, label_aware  # noqa: E402
+from guided_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way of guiding: a PxP mode and its options, the sampler, and the part of the trajectory projected.
+
+    `window` (lo, hi) projects only at steps whose t / T lies in [lo, hi); plain ADM-G elsewhere.
+    """
+
+    name: str
+    mode: str
+    ddim: bool = False
+    dweight: float = 1.0
+    cweight: float = 1.0
+    optimizer: str = "sgd"
+    window: tuple = (0.0, 1.0)
+
+
+def settings_for(recipe):
+    """The settings swept for a model whose paper recipe is `recipe` (cls_den or cls_den_div2)."""
+    base = [
+        Setting("ADM-G", "none"),
+        Setting("cls_den", "cls_den"),
+        Setting("cls_den_div", "cls_den_div"),
+        Setting("cls_den_div2", "cls_den_div2"),
+        Setting("ADM-G DDIM", "none", ddim=True),
+        Setting("cls_den DDIM", "cls_den", ddim=True),
+    ]
+    variants = [
+        Setting(f"{recipe} dweight 0", recipe, dweight=0.0),
+        Setting(f"{recipe} weights 0.5", recipe, dweight=0.5, cweight=0.5),
+        Setting(f"{recipe} momentum", recipe, optimizer="momentum"),
+        Setting(f"{recipe} adam", recipe, optimizer="adam"),
+        Setting(f"{recipe} t<T/2 only", recipe, window=(0.0, 0.5)),
+        Setting(f"{recipe} t>=T/2 only", recipe, window=(0.5, 1.0)),
+    ]
+    return base + variants
+
+
+# model: (checkpoint, the paper's recipe, target accuracies of the frontier: between unguided and saturated)
+MODELS = {
+    "conditional": ("digits_cond.pt", "cls_den", (0.98, 0.99, 0.995)),
+    "unconditional": ("digits_uncond.pt", "cls_den_div2", (0.5, 0.7, 0.9, 0.95)),
+}
+
+
+class Sampler:
+    """A digits model, the noisy classifier and one diffusion per setting, on the same respaced schedule."""
+
+    def __init__(self, model_file, steps):
+        self.model, flags = load_with_sidecar(ROOT / "models" / model_file)
+        self.classifier, _ = load_with_sidecar(ROOT / "models" / "digits_classifier.pt")
+        self.model_fn = label_aware(self.model, flags["class_cond"])
+        self.schedule = dict(
+            steps=flags["diffusion_steps"], learn_sigma=flags["learn_sigma"], noise_schedule=flags["noise_schedule"],
+            timestep_respacing=str(steps),
+        )
+        self.plain = create_gaussian_diffusion(**self.schedule)
+        self.shape = (3, flags["image_size"], flags["image_size"])
+
+    def diffusion(self, setting):
+        """The diffusion that applies a setting's projection."""
+        return create_gaussian_diffusion(
+            **self.schedule, pxp_mode=setting.mode, dweight=setting.dweight, cweight=setting.cweight, pxp_optimizer=setting.optimizer
+        )
+
+    @torch.no_grad()
+    def sample(self, setting, scale, labels, x_T, step_noises):
+        """uint8 NHWC digits guided towards labels; step_noises[i] is the z of timestep index i."""
+        guided, steps = self.diffusion(setting), self.plain.num_timesteps
+        cond_fn = classifier_guidance(self.classifier, scale) if scale else None
+        state = GuidanceOptimizer(setting.optimizer)
+        x = x_T
+        for i in reversed(range(steps)):
+            lo, hi = setting.window
+            diffusion = guided if lo <= i / steps < hi else self.plain
+            step = diffusion.ddim_sample if setting.ddim else diffusion.p_sample
+            t = torch.full((len(x),), i)
+            x = step(self.model_fn, x, t, cond_fn=cond_fn, model_kwargs={"y": labels}, noise=step_noises[i], guidance_state=state)["sample"]
+        return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def score(evaluator, reference, images, labels):
+    """accuracy on the target labels, FID, precision and recall against the reference features."""
+    features, logits = evaluator(images)
+    mu, sigma = compute_statistics(features)
+    precision, recall = precision_recall(reference["features"], features, half=False)
+    return dict(
+        accuracy=float((logits.argmax(-1) == labels.numpy()).mean()),
+        fid=float(frechet_distance(mu, sigma, reference["mu"], reference["sigma"])),
+        precision=precision,
+        recall=recall,
+    )
+
+
+def run(args):
+    """(every (model, setting, scale, seed) point as a dict, the scores of the real train digits)."""
+    evaluator = load_evaluator()
+    held_out, _, _ = digits_split()["held_out"]
+    features = evaluator(held_out)[0]
+    mu, sigma = compute_statistics(features)
+    reference = dict(features=features, mu=mu, sigma=sigma)
+    train_images, train_labels, _ = digits_split()["train"]
+    baseline = score(evaluator, reference, train_images, torch.from_numpy(train_labels))
+    labels = torch.arange(args.num_samples) % 10
+    rows = []
+    for model_name in args.models:
+        model_file, recipe, _ = MODELS[model_name]
+        sampler = Sampler(model_file, args.steps)
+        settings = [s for s in settings_for(recipe) if not args.settings or s.name in args.settings]
+        for seed in range(args.seeds):
+            gen = torch.Generator().manual_seed(seed)
+            x_T = torch.randn(args.num_samples, *sampler.shape, generator=gen)
+            step_noises = [torch.randn(x_T.shape, generator=gen) for _ in range(args.steps)]
+            for scale in args.scales:
+                # without guidance every setting of a sampler is the same: sample it once per sampler
+                todo = settings if scale else list({s.ddim: s for s in settings}.values())
+                for setting in todo:
+                    started = time.time()
+                    images = sampler.sample(setting, scale, labels, x_T, step_noises)
+                    seconds = time.time() - started
+                    result = score(evaluator, reference, images, labels)
+                    names = [setting.name] if scale else [s.name for s in settings if s.ddim == setting.ddim]
+                    for name in names:
+                        rows.append(dict(model=model_name, setting=name, scale=scale, seed=seed, seconds=seconds, **result))
+                    print(f"{model_name:13s} seed {seed} scale {scale:<4g} {', '.join(names)[:24]:24s} "
+                          f"acc {result['accuracy']:.3f} FID {result['fid']:7.2f} P {result['precision']:.3f} "
+                          f"R {result['recall']:.3f} {seconds:5.1f} s", flush=True)
+    return rows, baseline
+
+
+def mean_ci(values):
+    """(mean, half-width of the 95% t-interval over seeds; nan with one seed)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    half = scipy_stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean()), float(half)
+
+
+def fmt(values, digits):
+    """'mean ± ci' of values."""
+    mean, half = mean_ci(values)
+    return f"{mean:.{digits}f}" if np.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def grouped(rows, *keys):
+    """rows grouped by the values of keys, in first-seen order."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return groups
+
+
+def fid_at_accuracy(curve, target):
+    """FID where a curve of (scale-ordered) (accuracy, FID) points first reaches the target accuracy, or None.
+
+    Linear interpolation between the two points around the crossing.
+    """
+    for (a0, f0), (a1, f1) in zip(curve, curve[1:]):
+        if a0 <= target <= a1 and a1 > a0:
+            return f0 + (f1 - f0) * (target - a0) / (a1 - a0)
+    return curve[0][1] if curve and curve[0][0] >= target else None
+
+
+def frontier(rows, targets):
+    """{setting: {target: list of per-seed FIDs at that accuracy}} along each seed's scale curve."""
+    out = {}
+    for (setting, seed), points in grouped(rows, "setting", "seed").items():
+        curve = [(p["accuracy"], p["fid"]) for p in sorted(points, key=lambda p: p["scale"])]
+        per_target = out.setdefault(setting, {t: [] for t in targets})
+        for target in targets:
+            per_target[target].append(fid_at_accuracy(curve, target))
+    return out
+
+
+def markdown(rows, baseline, args):
+    """The tables: equal accuracy (the frontier) and equal scale, every point."""
+    lines = [
+        f"{args.num_samples} samples a point, {args.seeds} seeds (mean ± 95% CI over seeds), {args.steps} sampling steps.",
+        f"For scale: the real train-split digits score accuracy {baseline['accuracy']:.3f}, FID {baseline['fid']:.2f}, "
+        f"precision {baseline['precision']:.3f}, recall {baseline['recall']:.3f} against the same held-out digits.",
+        "",
+    ]
+    lines += ["### At equal accuracy: FID reached at a target accuracy (interpolated along each setting's scale curve)", ""]
+    for (model,), model_rows in grouped(rows, "model").items():
+        targets = MODELS[model][2]
+        lines += [f"| {model} model: setting | " + " | ".join(f"FID @ acc {t:g}" for t in targets) + " |"]
+        lines += ["| --- |" + " ---: |" * len(targets)]
+        for setting, per_target in frontier(model_rows, targets).items():
+            cells = [fmt(fids, 2) if None not in fids else "not reached" for fids in per_target.values()]
+            lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["### At equal scale (the paper's view)", ""]
+    lines += ["| model | setting | scale | accuracy | FID | precision | recall | s/point |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (model, setting, scale), points in grouped(rows, "model", "setting", "scale").items():
+        get = lambda k: [p[k] for p in points]  # noqa: E731
+        lines.append(
+            f"| {model} | {setting} | {scale:g} | {fmt(get('accuracy'), 3)} | {fmt(get('fid'), 2)} | "
+            f"{fmt(get('precision'), 3)} | {fmt(get('recall'), 3)} | {np.mean(get('seconds')):.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    """Accuracy against FID, one curve per setting (mean over seeds), one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(grouped(rows, "model"))
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
+    for ax, (model,) in zip(axes[0], models):
+        for (setting,), points in grouped([r for r in rows if r["model"] == model], "setting").items():
+            by_scale = grouped(points, "scale")
+            fid = [np.mean([p["fid"] for p in ps]) for ps in by_scale.values()]
+            acc = [np.mean([p["accuracy"] for p in ps]) for ps in by_scale.values()]
+            style = "-o" if setting in ("ADM-G", "cls_den", "cls_den_div", "cls_den_div2") else "--."
+            ax.plot(fid, acc, style, label=setting, markersize=4)
+        ax.set_xlabel("FID (digits-evaluator features, vs held-out digits): lower is better")
+        ax.set_ylabel("accuracy on the target label")
+        ax.set_title(f"{model} digits model: classifier scale rising along each curve")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    """Parse flags, run the sweep and write the table, plot and raw numbers."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="conditional,unconditional", type=lambda s: s.split(","))
+    parser.add_argument("--scales", default="0,1,2,4", type=lambda s: [float(x) for x in s.split(",")])
+    parser.add_argument("--settings", default="", type=lambda s: [x for x in s.split(",") if x], help="names to keep (default: all)")
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=25, help="respaced sampling steps")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "guidance_tradeoff"))
+    parser.add_argument("--quick", action="store_true", help="a smoke test: 40 samples, 5 steps, two scales, one seed")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_samples, args.seeds, args.steps, args.scales = 40, 1, 5, [0.0, 2.0]
+    started = time.time()
+    rows, baseline = run(args)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    table = markdown(rows, baseline, args)
+    with open(f"{args.out}.md", "w") as f:
+        f.write(table)
+    with open(f"{args.out}.json", "w") as f:
+        json.dump(dict(flags=vars(args), baseline=baseline, rows=rows), f, indent=1)
+    plot(rows, f"{args.out}.png")
+    print(f"{len(rows)} points in {time.time() - started:.0f} s: {args.out}.md, .png, .json")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
