@@ -203,14 +203,25 @@ def fid_at_accuracy(curve, target):
 
 
 def frontier(rows, targets):
-    """{setting: {target: list of per-seed FIDs at that accuracy}} along each seed's scale curve."""
+    """{setting: {target: {seed: FID at that accuracy, or None}}} along each seed's scale curve."""
     out = {}
     for (setting, seed), points in grouped(rows, "setting", "seed").items():
         curve = [(p["accuracy"], p["fid"]) for p in sorted(points, key=lambda p: p["scale"])]
-        per_target = out.setdefault(setting, {t: [] for t in targets})
+        per_target = out.setdefault(setting, {t: {} for t in targets})
         for target in targets:
-            per_target[target].append(fid_at_accuracy(curve, target))
+            per_target[target][seed] = fid_at_accuracy(curve, target)
     return out
+
+
+def frontier_cell(fids, baseline_fids):
+    """'FID ± ci (Δ ± ci)': the Δ to ADM-G is paired by seed (the same noises), so its interval is the tighter one."""
+    if None in fids.values():
+        return "not reached"
+    cell = fmt(list(fids.values()), 2)
+    if baseline_fids is None or fids is baseline_fids or None in baseline_fids.values():
+        return cell
+    mean, half = mean_ci([fids[seed] - baseline_fids[seed] for seed in fids])
+    return f"{cell} ({mean:+.2f})" if np.isnan(half) else f"{cell} ({mean:+.2f} ± {half:.2f})"
 
 
 def markdown(rows, baseline, args):
@@ -224,10 +235,13 @@ def markdown(rows, baseline, args):
     lines += ["### At equal accuracy: FID reached at a target accuracy (interpolated along each setting's scale curve)", ""]
     for (model,), model_rows in grouped(rows, "model").items():
         targets = MODELS[model][2]
-        lines += [f"| {model} model: setting | " + " | ".join(f"FID @ acc {t:g}" for t in targets) + " |"]
+        lines += [f"| {model} model: setting | " + " | ".join(f"FID @ acc {t:g} (Δ vs ADM-G)" for t in targets) + " |"]
         lines += ["| --- |" + " ---: |" * len(targets)]
-        for setting, per_target in frontier(model_rows, targets).items():
-            cells = [fmt(fids, 2) if None not in fids else "not reached" for fids in per_target.values()]
+        curves = frontier(model_rows, targets)
+        for setting, per_target in curves.items():
+            ddim = setting.endswith("DDIM")
+            baseline = curves.get("ADM-G DDIM" if ddim else "ADM-G")
+            cells = [frontier_cell(per_target[t], baseline and baseline[t]) for t in targets]
             lines.append(f"| {setting} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["### At equal scale (the paper's view)", ""]
@@ -250,14 +264,17 @@ def plot(rows, path):
 
     models = list(grouped(rows, "model"))
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
     for ax, (model,) in zip(axes[0], models):
-        for (setting,), points in grouped([r for r in rows if r["model"] == model], "setting").items():
+        settings = grouped([r for r in rows if r["model"] == model], "setting")
+        for color, ((setting,), points) in zip(colors, settings.items()):
             by_scale = grouped(points, "scale")
             fid = [np.mean([p["fid"] for p in ps]) for ps in by_scale.values()]
             acc = [np.mean([p["accuracy"] for p in ps]) for ps in by_scale.values()]
             style = "-o" if setting in ("ADM-G", "cls_den", "cls_den_div", "cls_den_div2") else "--."
-            ax.plot(fid, acc, style, label=setting, markersize=4)
-        ax.set_xlabel("FID (digits-evaluator features, vs held-out digits): lower is better")
+            ax.plot(fid, acc, style, color=color, label=setting, markersize=4)
+        ax.set_xscale("log")
+        ax.set_xlabel("FID (digits-evaluator features, vs held-out digits; log scale): lower is better")
         ax.set_ylabel("accuracy on the target label")
         ax.set_title(f"{model} digits model: classifier scale rising along each curve")
         ax.grid(alpha=0.3)
@@ -278,17 +295,23 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=25, help="respaced sampling steps")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "guidance_tradeoff"))
     parser.add_argument("--quick", action="store_true", help="a smoke test: 40 samples, 5 steps, two scales, one seed")
+    parser.add_argument("--render", default="", help="a .json this script wrote: rewrite its table and plot, sampling nothing")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_samples, args.seeds, args.steps, args.scales = 40, 1, 5, [0.0, 2.0]
     started = time.time()
-    rows, baseline = run(args)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    table = markdown(rows, baseline, args)
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        args = argparse.Namespace(**saved["flags"])
+        rows, baseline = saved["rows"], saved["baseline"]
+    else:
+        rows, baseline = run(args)
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(f"{args.out}.json", "w") as f:
+            json.dump(dict(flags=vars(args), baseline=baseline, rows=rows), f, indent=1)
     with open(f"{args.out}.md", "w") as f:
-        f.write(table)
-    with open(f"{args.out}.json", "w") as f:
-        json.dump(dict(flags=vars(args), baseline=baseline, rows=rows), f, indent=1)
+        f.write(markdown(rows, baseline, args))
     plot(rows, f"{args.out}.png")
     print(f"{len(rows)} points in {time.time() - started:.0f} s: {args.out}.md, .png, .json")
     return rows
