@@ -34,7 +34,6 @@ from evaluations.digits_features import load_evaluator  # noqa: E402
 from evaluations.metrics import compute_statistics, frechet_distance, precision_recall  # noqa: E402
 from guided_diffusion.checkpoints import load_with_sidecar  # noqa: E402
 from guided_diffusion.digits import digits_split  # noqa: E402
-from guided_diffusion.pixel_as_param import GuidanceOptimizer  # noqa: E402
 from guided_diffusion.sampling import classifier_guidance, label_aware  # noqa: E402
 from guided_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
 
@@ -43,7 +42,7 @@ from guided_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
 class Setting:
     """One way of guiding: a PxP mode and its options, the sampler, and the part of the trajectory projected.
 
-    `window` (lo, hi) projects only at steps whose t / T lies in [lo, hi); plain ADM-G elsewhere.
+    `window` (lo, hi) projects only at steps whose t / T lies in [lo, hi) (`--pxp_window`); plain ADM-G elsewhere.
     """
 
     name: str
@@ -84,7 +83,7 @@ MODELS = {
 
 
 class Sampler:
-    """A digits model, the noisy classifier and one diffusion per setting, on the same respaced schedule."""
+    """A digits model and the noisy classifier, sampled on one respaced schedule with a setting's diffusion."""
 
     def __init__(self, model_file, steps):
         self.model, flags = load_with_sidecar(ROOT / "models" / model_file)
@@ -94,28 +93,23 @@ class Sampler:
             steps=flags["diffusion_steps"], learn_sigma=flags["learn_sigma"], noise_schedule=flags["noise_schedule"],
             timestep_respacing=str(steps),
         )
-        self.plain = create_gaussian_diffusion(**self.schedule)
         self.shape = (3, flags["image_size"], flags["image_size"])
 
     def diffusion(self, setting):
         """The diffusion that applies a setting's projection."""
         return create_gaussian_diffusion(
-            **self.schedule, pxp_mode=setting.mode, dweight=setting.dweight, cweight=setting.cweight, pxp_optimizer=setting.optimizer
+            **self.schedule, pxp_mode=setting.mode, dweight=setting.dweight, cweight=setting.cweight,
+            pxp_optimizer=setting.optimizer, pxp_window=setting.window,
         )
 
-    @torch.no_grad()
     def sample(self, setting, scale, labels, x_T, step_noises):
         """uint8 NHWC digits guided towards labels; step_noises[i] is the z of timestep index i."""
-        guided, steps = self.diffusion(setting), self.plain.num_timesteps
-        cond_fn = classifier_guidance(self.classifier, scale) if scale else None
-        state = GuidanceOptimizer(setting.optimizer)
-        x = x_T
-        for i in reversed(range(steps)):
-            lo, hi = setting.window
-            diffusion = guided if lo <= i / steps < hi else self.plain
-            step = diffusion.ddim_sample if setting.ddim else diffusion.p_sample
-            t = torch.full((len(x),), i)
-            x = step(self.model_fn, x, t, cond_fn=cond_fn, model_kwargs={"y": labels}, noise=step_noises[i], guidance_state=state)["sample"]
+        diffusion = self.diffusion(setting)
+        loop = diffusion.ddim_sample_loop if setting.ddim else diffusion.p_sample_loop
+        x = loop(
+            self.model_fn, x_T.shape, noise=x_T, cond_fn=classifier_guidance(self.classifier, scale) if scale else None,
+            model_kwargs={"y": labels}, device=x_T.device, step_noise=step_noises.__getitem__,
+        )
         return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 

@@ -99,6 +99,7 @@ class GaussianDiffusion:
     :param dweight, cweight: weights of the projections' corrections to the sampler's own
         directions (denoising, diversity) and to the guidance direction; 1 = the paper.
     :param pxp_optimizer: "sgd" (the paper), "momentum" or "adam" on the guidance direction.
+    :param pxp_window: "lo,hi": only steps with lo <= t/T < hi combine directions ("0,1": all).
     """
 
     def __init__(
@@ -113,12 +114,15 @@ class GaussianDiffusion:
         dweight=1.0,
         cweight=1.0,
         pxp_optimizer="sgd",
+        pxp_window="0,1",
     ):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.rescale_timesteps = rescale_timesteps
-        self.pxp = pxp.PxPConfig(mode=pxp_mode, dweight=dweight, cweight=cweight, optimizer=pxp_optimizer)
+        self.pxp = pxp.PxPConfig(
+            mode=pxp_mode, dweight=dweight, cweight=cweight, optimizer=pxp_optimizer, window=pxp.parse_window(pxp_window)
+        )
 
         betas = np.array(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must be a 1-D array in (0, 1]"
@@ -294,9 +298,11 @@ class GaussianDiffusion:
             out["pxp"] = stats
         return out
 
-    def _uses_pxp_step(self, cond_fn):
-        """Whether a guided step goes through the direction view rather than the plain ADM-G path."""
-        return cond_fn is not None and (self.pxp.mode != "none" or self.pxp.optimizer != "sgd")
+    def _uses_pxp_step(self, cond_fn, t=None):
+        """Whether a guided step (at timesteps t, or any) goes through the direction view rather than plain ADM-G."""
+        if cond_fn is None or (self.pxp.mode == "none" and self.pxp.optimizer == "sgd"):
+            return False
+        return t is None or self.pxp.window == (0.0, 1.0) or self.pxp.projects_at(int(t[0]) / self.num_timesteps)
 
     # ----------------------------------------------------------------- DDPM sampling
 
@@ -323,7 +329,7 @@ class GaussianDiffusion:
         if noise is None:
             noise = th.randn_like(x)
         mask = _nonzero_mask(t, x)
-        if self._uses_pxp_step(cond_fn):
+        if self._uses_pxp_step(cond_fn, t):
             gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {})).float()
             coef1 = _extract_into_tensor(self.posterior_mean_coef1, t, x.shape)
             directions = pxp.Directions(
@@ -431,7 +437,7 @@ class GaussianDiffusion:
         if noise is None:
             noise = th.randn_like(x)
         mask = _nonzero_mask(t, x)
-        if self._uses_pxp_step(cond_fn):
+        if self._uses_pxp_step(cond_fn, t):
             gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {})).float()
             x0 = out["pred_xstart"].float()
             eps = self._predict_eps_from_xstart(x, t, x0)

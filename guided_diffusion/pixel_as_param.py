@@ -45,6 +45,10 @@ x0 predictions: x0_c (clipped), delta = -w * (eps_c - eps_u) * sqrt(1/a - 1); pl
 guidance uses x0 = clip(x0_c + delta), PixelAsParam x0 = clip(proj(x0_c, delta, dw) +
 proj(delta, x0_c, cw)); the step then uses the posterior mean of x0 and u's variance.
 
+`window` (`--pxp_window lo,hi`) restricts the projections to the steps with lo <= t/T < hi and
+takes plain ADM-G steps elsewhere; on the digits benchmark projecting only in the noisy half
+(0.5,1) kept the accuracy gain per scale without the FID cost of projecting at low noise.
+
 The guidance direction can also be smoothed across steps like an optimizer's update
 (`GuidanceOptimizer`: momentum or Adam moments per sample), rescaled to the step's own
 norm so only its direction changes; "sgd" (the default) is the paper's plain step.
@@ -69,6 +73,7 @@ class PxPConfig:
     dweight: float = 1.0
     cweight: float = 1.0
     optimizer: str = "sgd"
+    window: tuple = (0.0, 1.0)  # steps with lo <= t/T < hi combine directions; the others are plain ADM-G
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -76,6 +81,25 @@ class PxPConfig:
             raise UsageError(f"unknown pxp_mode {self.mode!r}{hint}: use one of {', '.join(MODES)}")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown pxp_optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        lo, hi = self.window
+        if not 0 <= lo < hi <= 1:
+            raise UsageError(f"pxp_window {lo:g},{hi:g}: need 0 <= lo < hi <= 1 (e.g. 0.5,1 projects in the noisy half of the steps)")
+
+    def projects_at(self, fraction):
+        """Whether a step at t/T = fraction lies in the window of projected steps."""
+        lo, hi = self.window
+        return lo <= fraction < hi
+
+
+def parse_window(window):
+    """(lo, hi) from the flag string "lo,hi" (or a pair): the range of t/T whose steps project."""
+    if not isinstance(window, str):
+        return tuple(float(v) for v in window)
+    try:
+        lo, hi = (float(v) for v in window.split(","))
+    except ValueError as e:
+        raise UsageError(f"pxp_window {window!r}: expected two fractions lo,hi such as 0.5,1") from e
+    return lo, hi
 
 
 def resolve_mode(mode, class_cond):

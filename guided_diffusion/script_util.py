@@ -36,6 +36,7 @@ def diffusion_defaults():
         dweight=1.0,
         cweight=1.0,
         pxp_optimizer="sgd",
+        pxp_window="0,1",  # lo,hi: only steps with lo <= t/T < hi project
     )
 
 
@@ -115,6 +116,7 @@ def create_model_and_diffusion(
     dweight=1.0,
     cweight=1.0,
     pxp_optimizer="sgd",
+    pxp_window="0,1",
 ):
     """The UNet and the diffusion described by model_and_diffusion_defaults() flags.
 
@@ -153,6 +155,7 @@ def create_model_and_diffusion(
         dweight=dweight,
         cweight=cweight,
         pxp_optimizer=pxp_optimizer,
+        pxp_window=pxp_window,
     )
     return model, diffusion
 
@@ -238,6 +241,7 @@ def create_classifier_and_diffusion(
     dweight=1.0,
     cweight=1.0,
     pxp_optimizer="sgd",
+    pxp_window="0,1",
 ):
     """The noisy classifier and the diffusion it is trained on (classifier_and_diffusion_defaults() flags)."""
     classifier = create_classifier(
@@ -265,6 +269,7 @@ def create_classifier_and_diffusion(
         dweight=dweight,
         cweight=cweight,
         pxp_optimizer=pxp_optimizer,
+        pxp_window=pxp_window,
     )
     return classifier, diffusion
 
@@ -335,6 +340,7 @@ def sr_create_model_and_diffusion(
     dweight=1.0,
     cweight=1.0,
     pxp_optimizer="sgd",
+    pxp_window="0,1",
 ):
     """The super-resolution UNet and its diffusion described by sr_model_and_diffusion_defaults() flags."""
     model = sr_create_model(
@@ -355,6 +361,7 @@ def sr_create_model_and_diffusion(
         dweight=dweight,
         cweight=cweight,
         pxp_optimizer=pxp_optimizer,
+        pxp_window=pxp_window,
     )
     return model, diffusion
 
@@ -413,6 +420,7 @@ def create_gaussian_diffusion(
     dweight=1.0,
     cweight=1.0,
     pxp_optimizer="sgd",
+    pxp_window="0,1",
 ):
     """A (respaced) diffusion process; `pxp_mode` and friends set how guided steps combine."""
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
@@ -437,6 +445,7 @@ def create_gaussian_diffusion(
         dweight=dweight,
         cweight=cweight,
         pxp_optimizer=pxp_optimizer,
+        pxp_window=pxp_window,
     )
 
 

@@ -15,7 +15,7 @@ from .script_util import add_dict_to_argparser
 from .train_util import TrainLoop
 
 # flags that choose how a network is sampled, not which network it is: kept out of sidecars
-SAMPLING_FLAGS = ("timestep_respacing", "pxp_mode", "dweight", "cweight", "pxp_optimizer")
+SAMPLING_FLAGS = ("timestep_respacing", "pxp_mode", "dweight", "cweight", "pxp_optimizer", "pxp_window")
 
 
 def train_defaults():

@@ -197,6 +197,19 @@ def test_plain_adm_g_path_is_bitwise_unchanged(classifier, inputs):
     assert torch.equal(actual, expected)
 
 
+@pytest.mark.parametrize("t, inside", [(20, True), (13, True), (12, False), (3, False)])
+def test_window_projects_only_its_steps(classifier, inputs, t, inside):
+    x, kwargs = inputs
+    model, windowed = golden_model_and_diffusion("unet_a", timestep_respacing="25", pxp_mode="cls_den", pxp_window="0.5,1")
+    _, full = golden_model_and_diffusion("unet_a", timestep_respacing="25", pxp_mode="cls_den")
+    _, plain = golden_model_and_diffusion("unet_a", timestep_respacing="25")
+    cond_fn, steps, noise = classifier_grad_fn(classifier, 10000.0), torch.full((3,), t), torch.randn_like(x)
+    with torch.no_grad():
+        got, expected = (d.p_sample(model, x, steps, cond_fn=cond_fn, model_kwargs=kwargs, noise=noise) for d in (windowed, full if inside else plain))
+    assert ("pxp" in got) == inside  # 13/25 >= 0.5 projects, 12/25 does not
+    assert torch.equal(got["sample"], expected["sample"])
+
+
 # ----------------------------------------------------------------- DDIM
 
 
@@ -264,6 +277,8 @@ def test_mode_flags_flow_from_the_command_line():
     flags = parse_flags("--image_size 32 --num_channels 32 --channel_mult 1,2 --attention_resolutions 16 --pxp_mode cls_den --dweight 0.5", defaults)
     _, diffusion = create_model_and_diffusion(**flags)
     assert diffusion.pxp == pxp.PxPConfig(mode="cls_den", dweight=0.5, cweight=1.0, optimizer="sgd")
+    _, diffusion = create_model_and_diffusion(**parse_flags("--pxp_window 0.5,1", flags))
+    assert diffusion.pxp.window == (0.5, 1.0)
     for class_cond, recipe in [(True, "cls_den"), (False, "cls_den_div2")]:
         _, diffusion = create_model_and_diffusion(**{**flags, "pxp_mode": "auto", "class_cond": class_cond})
         assert diffusion.pxp.mode == recipe
@@ -271,6 +286,9 @@ def test_mode_flags_flow_from_the_command_line():
         create_model_and_diffusion(**{**flags, "pxp_mode": "cls"})
     with pytest.raises(UsageError, match="unknown pxp_optimizer"):
         create_model_and_diffusion(**{**flags, "pxp_optimizer": "lbfgs"})
+    for window, message in [("0.5", "expected two fractions"), ("0.8,0.2", "need 0 <= lo < hi <= 1")]:
+        with pytest.raises(UsageError, match=message):
+            create_model_and_diffusion(**{**flags, "pxp_window": window})
 
 
 def test_step_statistics_and_plot(tmp_path):
