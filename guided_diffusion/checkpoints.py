@@ -129,19 +129,25 @@ def identify(state_dict):
     return [name for name, official in official_architectures().items() if official == arch]
 
 
-def sidecar_flags(path):
-    """The flag string stored beside a checkpoint in `<path>.json`, or None.
-
-    The file holds {"kind": ..., "flags": "--name value ..."}.
-    """
+def read_sidecar(path):
+    """The sidecar `<path>.json` of a checkpoint, {"kind": ..., "flags": "--name value ..."}, or None."""
     sidecar = f"{path}.json"
     if not os.path.exists(sidecar):
         return None
     try:
         with open(sidecar) as f:
-            return json.load(f)["flags"]
-    except (ValueError, KeyError) as e:
+            content = json.load(f)
+        if not isinstance(content.get("flags"), str):
+            raise ValueError("no 'flags' string")
+    except (ValueError, AttributeError) as e:
         raise UsageError(f"cannot read {sidecar}: expected JSON with a 'flags' string ({e})") from e
+    return content
+
+
+def sidecar_flags(path):
+    """The flag string stored beside a checkpoint in `<path>.json`, or None."""
+    sidecar = read_sidecar(path)
+    return sidecar and sidecar["flags"]
 
 
 def _key_list(keys, limit=3):
@@ -189,10 +195,9 @@ def load_weights(model, path):
 
 def load_with_sidecar(path):
     """(network in eval mode, its flags) of a checkpoint whose sidecar `<path>.json` says its kind and flags."""
-    flag_string = sidecar_flags(path)
-    if flag_string is None:
+    sidecar = read_sidecar(path)
+    if sidecar is None:
         raise UsageError(f"{path} has no sidecar {path}.json saying which flags build it")
-    with open(f"{path}.json") as f:
-        kind = json.load(f).get("kind", "model")
-    flags = parse_flags(flag_string, DEFAULTS[kind]())
+    kind = sidecar.get("kind", "model")
+    flags = parse_flags(sidecar["flags"], DEFAULTS[kind]())
     return load_weights(build(kind, flags), path).eval(), flags

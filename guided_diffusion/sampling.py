@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import dist_util, logger
-from .checkpoints import DEFAULTS, OFFICIAL, identify, mismatch_message, parse_flags, sidecar_flags
+from .checkpoints import DEFAULTS, OFFICIAL, identify, mismatch_message, parse_flags, read_sidecar
 from .errors import UsageError
 from .fp16_util import use_fp16_if_supported
 from .pixel_as_param import ClassifierFree, StepStats, plot_stats
@@ -200,10 +200,9 @@ class Checkpoint:
 
     def _own_flags(self):
         """The flags the checkpoint carries: its sidecar's, else those of the official checkpoint it matches."""
-        flag_string, source = sidecar_flags(self.path), f"{self.path}.json"
-        if flag_string is not None:
-            with open(source) as f:
-                kind = json.load(f).get("kind", self.kind)
+        sidecar, source = read_sidecar(self.path), f"{self.path}.json"
+        if sidecar is not None:
+            flag_string, kind = sidecar["flags"], sidecar.get("kind", self.kind)
             if kind != self.kind:
                 raise UsageError(f"{self.flag} {self.path} is a {_KIND_NAMES.get(kind, kind)} (says {source}), not a {_KIND_NAMES[self.kind]}")
         else:
