@@ -13,7 +13,7 @@ import torch.distributed as dist
 from .errors import UsageError
 
 
-def _mpi_comm():
+def mpi_comm():
     """MPI's world communicator, or None when mpi4py or an MPI runtime is unavailable."""
     try:
         from mpi4py import MPI
@@ -29,7 +29,7 @@ def setup_dist():
     """
     if dist.is_initialized():
         return
-    comm = _mpi_comm()
+    comm = mpi_comm()
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
     backend = "nccl" if th.cuda.is_available() else "gloo"
     if th.cuda.is_available():
@@ -44,7 +44,7 @@ def setup_dist():
 
 def _local_rank():
     """This rank's index among the ranks on its node."""
-    comm = _mpi_comm()
+    comm = mpi_comm()
     if comm is None:
         return 0
     from mpi4py import MPI

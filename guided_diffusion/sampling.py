@@ -174,7 +174,7 @@ def _failure(e):
 
 def _agree(failure):
     """Share this rank's failure (or None) with all ranks; raise _Failed on every rank if any failed."""
-    comm = dist_util._mpi_comm()
+    comm = dist_util.mpi_comm()
     failures = comm.allgather(failure) if comm else [failure]
     for rank, found in enumerate(failures):
         if found:
@@ -432,13 +432,13 @@ def _collective(fn, broadcast=False):
     _agree(failure)
     if broadcast:
         return _broadcast(value)
-    comm = dist_util._mpi_comm()
+    comm = dist_util.mpi_comm()
     return comm.gather(value, root=0) if comm else [value]
 
 
 def _broadcast(value):
     """Rank 0's value, on every rank."""
-    comm = dist_util._mpi_comm()
+    comm = dist_util.mpi_comm()
     return comm.bcast(value, root=0) if comm else value
 
 

@@ -77,7 +77,7 @@ def setup():
     logdir = [logger.default_dir()]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(logdir, src=0)
-    logger.configure(dir=logdir[0], comm=dist_util._mpi_comm())
+    logger.configure(dir=logdir[0], comm=dist_util.mpi_comm())
 
 
 def make_sidecar(kind, args, defaults):
