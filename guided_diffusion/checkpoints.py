@@ -185,7 +185,7 @@ def mismatch_message(model, state_dict, path):
 
 def load_weights(model, path):
     """Load a checkpoint file into model (strict), raising UsageError in one line if it does not fit."""
-    state_dict = dist_util.load_state_dict(path, map_location="cpu")
+    state_dict = dist_util.load_model_state_dict(path, map_location="cpu")
     message = mismatch_message(model, state_dict, path)
     if message:
         raise UsageError(message)

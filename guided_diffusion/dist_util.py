@@ -12,6 +12,11 @@ import torch.distributed as dist
 
 from .errors import UsageError
 
+# Upstream's cluster-layout constants, kept for code that reads them. A rank's GPU is its index
+# among the ranks on its node, modulo the GPUs it sees, so GPUS_PER_NODE needs no editing here.
+GPUS_PER_NODE = 8
+SETUP_RETRY_COUNT = 3
+
 
 def mpi_comm():
     """MPI's world communicator, or None when mpi4py or an MPI runtime is unavailable."""
@@ -60,26 +65,58 @@ def dev():
 
 
 def load_state_dict(path, **kwargs):
-    """Read a state dict from a local or blobfile path (`.pt` with weights_only, or `.safetensors`).
+    """Read what a checkpoint file holds: a `.pt` with weights_only, or a `.safetensors`.
 
-    A missing or unreadable file raises UsageError with a one-line explanation.
+    A `.pt` may hold tensors, numbers, strings and lists, tuples and dicts of them (a model's
+    or an optimizer's state); pickled code or objects are refused. kwargs go to torch.load
+    (e.g. map_location); `weights_only` is accepted and ignored, as a file is always read with
+    weights_only=True. Every problem with the file raises UsageError in one line.
     """
+    kwargs.pop("weights_only", None)
     if not bf.exists(path):
         raise UsageError(f"checkpoint not found: {path} (check the path; official ones: python models/download.py NAME)")
-    with bf.BlobFile(path, "rb") as f:
-        data = f.read()
+    if bf.isdir(path):
+        raise UsageError(f"checkpoint {path} is a directory: name the checkpoint file (.pt or .safetensors) itself")
     try:
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load as load_safetensors
-
-            state_dict = load_safetensors(data)
-            if "map_location" in kwargs:
-                state_dict = {k: v.to(kwargs["map_location"]) for k, v in state_dict.items()}
-        else:
-            state_dict = th.load(io.BytesIO(data), weights_only=True, **kwargs)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        with bf.BlobFile(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if str(path).endswith(".safetensors"):
+        return _read_safetensors(path, data, kwargs.get("map_location"))
+    try:
+        return th.load(io.BytesIO(data), weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e) or "global" in str(e):
+            raise UsageError(
+                f"{path} holds pickled Python objects or code, which are refused (they could run code): "
+                "re-save it as a state dict of tensors, torch.save(model.state_dict(), path)"
+            ) from None
+        raise UsageError(f"cannot read checkpoint {path} ({len(data)} bytes): not a PyTorch checkpoint (truncated download? fetch it again)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in reason:  # PyTorch's advice to unpickle code is not repeated
+            reason = "not a PyTorch checkpoint"
         raise UsageError(f"cannot read checkpoint {path} ({len(data)} bytes): {reason} (truncated download? fetch it again)") from e
+
+
+def _read_safetensors(path, data, map_location):
+    """The tensors of a `.safetensors` file's bytes, moved to map_location if given."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        state_dict = load_safetensors(data)
+    except SafetensorError as e:
+        raise UsageError(f"cannot read {path} ({len(data)} bytes): bad .safetensors header ({e}); fetch or export it again") from None
+    if map_location is not None:
+        state_dict = {k: v.to(map_location) for k, v in state_dict.items()}
+    return state_dict
+
+
+def load_model_state_dict(path, map_location=None):
+    """A network's state dict read from path: like load_state_dict, but it must map names to tensors."""
+    state_dict = load_state_dict(path, map_location=map_location)
     if not isinstance(state_dict, dict) or not all(isinstance(v, th.Tensor) for v in state_dict.values()):
         raise UsageError(f"{path} is not a state dict of tensors (save one with torch.save(model.state_dict(), path))")
     return state_dict

@@ -193,7 +193,7 @@ class Checkpoint:
         self.flag, self.kind, self.path, self.args = f"--{flag}", kind, getattr(args, flag), args
         if not self.path:
             raise UsageError(f"{self.flag} is required: a checkpoint file (official ones: python models/download.py NAME)")
-        self.state_dict = dist_util.load_state_dict(self.path, map_location="cpu")
+        self.state_dict = dist_util.load_model_state_dict(self.path, map_location="cpu")
         self.flags = dict(defaults)
         self.flags.update(self._own_flags())
         self.flags.update({k: getattr(args, k) for k in explicit if k in self.flags})

@@ -86,7 +86,7 @@ def test_corrupt_missing_and_non_state_dict_files(tmp_path):
     other = tmp_path / "other.pt"
     torch.save({"step": 3, "weights": [1, 2]}, other)
     with pytest.raises(UsageError, match="is not a state dict of tensors"):
-        dist_util.load_state_dict(str(other))
+        dist_util.load_model_state_dict(str(other))
 
 
 def test_safetensors_checkpoints_load(tmp_path):
