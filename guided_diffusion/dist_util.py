@@ -92,12 +92,12 @@ def load_state_dict(path, **kwargs):
                 f"{path} holds pickled Python objects or code, which are refused (they could run code): "
                 "re-save it as a state dict of tensors, torch.save(model.state_dict(), path)"
             ) from None
-        raise UsageError(f"cannot read checkpoint {path} ({len(data)} bytes): not a PyTorch checkpoint (truncated download? fetch it again)") from None
+        raise UsageError(f"cannot read checkpoint {path} ({len(data)} bytes): not a PyTorch checkpoint (truncated or damaged? fetch or save it again)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in reason:  # PyTorch's advice to unpickle code is not repeated
             reason = "not a PyTorch checkpoint"
-        raise UsageError(f"cannot read checkpoint {path} ({len(data)} bytes): {reason} (truncated download? fetch it again)") from e
+        raise UsageError(f"cannot read checkpoint {path} ({len(data)} bytes): {reason} (truncated or damaged? fetch or save it again)") from e
 
 
 def _read_safetensors(path, data, map_location):

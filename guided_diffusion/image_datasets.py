@@ -1,7 +1,6 @@
 """Training data: a folder of images, labelled by file-name prefix, as an endless batch iterator."""
 
 import math
-import os
 import random
 
 import blobfile as bf
@@ -10,6 +9,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .dist_util import mpi_comm
 from .errors import UsageError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
@@ -34,7 +34,7 @@ def load_data(*, data_dir, batch_size, image_size, class_cond=False, determinist
         class_names = [bf.basename(path).split("_")[0] for path in all_files]
         sorted_classes = {name: i for i, name in enumerate(sorted(set(class_names)))}
         classes = [sorted_classes[name] for name in class_names]
-    rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, size = _rank_and_size()
     dataset = ImageDataset(image_size, all_files, classes=classes, shard=rank, num_shards=size, random_crop=random_crop, random_flip=random_flip)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=not deterministic, num_workers=1, drop_last=True)
     if len(dataset) < batch_size:
@@ -48,16 +48,27 @@ def _forever(loader):
         yield from loader
 
 
+def _rank_and_size():
+    """This process's shard of the data: its rank and the number of ranks (torch.distributed's, else MPI's)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    comm = mpi_comm()
+    return (comm.rank, comm.size) if comm is not None else (0, 1)
+
+
 def list_image_files_recursively(data_dir):
     """All image files under data_dir, sorted."""
     results = []
     for entry in sorted(bf.listdir(data_dir)):
         full_path = bf.join(data_dir, entry)
-        if entry.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+        if "." in entry and entry.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
             results.append(full_path)
         elif bf.isdir(full_path):
             results.extend(list_image_files_recursively(full_path))
     return results
+
+
+_list_image_files_recursively = list_image_files_recursively  # upstream's name
 
 
 class ImageDataset(Dataset):

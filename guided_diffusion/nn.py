@@ -4,7 +4,15 @@ import math
 
 import torch as th
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
+
+
+class SiLU(nn.SiLU):
+    """x * sigmoid(x): torch's SiLU under upstream's name and forward(x) signature."""
+
+    def forward(self, x):
+        return F.silu(x)
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -14,9 +22,16 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).type(x.dtype)
 
 
+def _layer_for_dims(dims, layers):
+    """The layer class of (1D, 2D, 3D) layers for dims; ValueError for other dims."""
+    if dims not in (1, 2, 3):
+        raise ValueError(f"unsupported dimensions: {dims}")
+    return layers[dims - 1]
+
+
 def conv_nd(dims, *args, **kwargs):
     """A 1D, 2D or 3D convolution."""
-    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](*args, **kwargs)
+    return _layer_for_dims(dims, (nn.Conv1d, nn.Conv2d, nn.Conv3d))(*args, **kwargs)
 
 
 def linear(*args, **kwargs):
@@ -26,7 +41,7 @@ def linear(*args, **kwargs):
 
 def avg_pool_nd(dims, *args, **kwargs):
     """A 1D, 2D or 3D average pooling layer."""
-    return {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims](*args, **kwargs)
+    return _layer_for_dims(dims, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d))(*args, **kwargs)
 
 
 def normalization(channels):
@@ -73,8 +88,37 @@ def timestep_embedding(timesteps, dim, max_period=10000):
 def checkpoint(func, inputs, params, flag):
     """Run func(*inputs), recomputing activations in the backward pass when flag is set.
 
-    Trades compute for memory (`--use_checkpoint True`); params are used implicitly.
+    Trades compute for memory (`--use_checkpoint True`). PyTorch's non-reentrant checkpoint
+    replays dropout with the same random numbers, so gradients equal the plain ones; params
+    (which func uses implicitly) are only needed by CheckpointFunction.
     """
     if flag and th.is_grad_enabled():
         return th.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)
+
+
+class CheckpointFunction(th.autograd.Function):
+    """Upstream's gradient checkpoint as an autograd function (kept for code that calls it).
+
+    `CheckpointFunction.apply(func, n, *inputs_then_params)` runs func on the first n tensors
+    without keeping activations, and recomputes them in backward to give gradients for the
+    inputs and the params. Unlike `checkpoint`, random layers are not replayed identically.
+    """
+
+    @staticmethod
+    def forward(ctx, run_function, length, *args):
+        ctx.run_function = run_function
+        ctx.input_tensors = list(args[:length])
+        ctx.input_params = list(args[length:])
+        with th.no_grad():
+            return run_function(*ctx.input_tensors)
+
+    @staticmethod
+    def backward(ctx, *output_grads):
+        inputs = [x.detach().requires_grad_(True) for x in ctx.input_tensors]
+        with th.enable_grad():
+            # views, so that an in-place first op of run_function does not modify detached leaves
+            outputs = ctx.run_function(*[x.view_as(x) for x in inputs])
+        grads = th.autograd.grad(outputs, inputs + ctx.input_params, output_grads, allow_unused=True)
+        del ctx.input_tensors, ctx.input_params
+        return (None, None) + grads

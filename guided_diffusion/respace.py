@@ -70,3 +70,23 @@ class SpacedDiffusion(GaussianDiffusion):
         if self.rescale_timesteps:
             return mapped.float() * (1000.0 / self.original_num_steps)
         return mapped
+
+
+class _WrappedModel:
+    """Upstream's adapter: calls model with the original timesteps of a respaced process's indices.
+
+    SpacedDiffusion maps timesteps in `_scale_timesteps` instead, for models and guidance
+    functions alike; this class stays for code that wraps a model itself.
+    """
+
+    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps):
+        self.model = model
+        self.timestep_map = timestep_map
+        self.rescale_timesteps = rescale_timesteps
+        self.original_num_steps = original_num_steps
+
+    def __call__(self, x, ts, **kwargs):
+        new_ts = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)[ts]
+        if self.rescale_timesteps:
+            new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
+        return self.model(x, new_ts, **kwargs)

@@ -5,7 +5,6 @@ import functools
 import glob
 import json
 import os
-import re
 
 import blobfile as bf
 import torch as th
@@ -14,7 +13,8 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from . import dist_util, logger
-from .fp16_util import MixedPrecisionTrainer
+from .errors import UsageError
+from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer  # noqa: F401 (upstream's name here too)
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
 
@@ -25,7 +25,7 @@ class TrainLoop:
     Checkpoints (`modelNNNNNN.pt`, `optNNNNNN.pt`, `ema_<rate>_NNNNNN.pt`, the state after
     NNNNNN steps) go to the log directory every `save_interval` steps, written atomically, the
     model file last; with no `resume_checkpoint` the loop resumes from the newest model
-    checkpoint already there. `sidecar` ({"kind", "flags"}) is written as `<checkpoint>.json`
+    checkpoint already there (see find_resume_checkpoint). `sidecar` ({"kind", "flags"}) is written as `<checkpoint>.json`
     beside the model and EMA checkpoints, so that they load without flags.
     """
 
@@ -58,10 +58,11 @@ class TrainLoop:
         self.ema_rate = [ema_rate] if isinstance(ema_rate, float) else [float(x) for x in str(ema_rate).split(",")]
         self.log_interval = log_interval
         self.save_interval = save_interval
-        self.resume_checkpoint = resume_checkpoint or find_resume_checkpoint(get_blob_logdir())
+        self.resume_checkpoint = resume_checkpoint or find_resume_checkpoint()
         self.use_fp16 = use_fp16 and th.cuda.is_available()
         if use_fp16 and not self.use_fp16:
             logger.log("use_fp16: no CUDA device, training in float32")
+        self.fp16_scale_growth = fp16_scale_growth
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
@@ -71,6 +72,7 @@ class TrainLoop:
         self.resume_step = 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.global_batch = self.batch_size * self.world_size
+        self.sync_cuda = th.cuda.is_available()
 
         self._load_and_sync_parameters()
         self.mp_trainer = MixedPrecisionTrainer(model=self.model, use_fp16=self.use_fp16, fp16_scale_growth=fp16_scale_growth)
@@ -81,7 +83,8 @@ class TrainLoop:
         else:
             self.ema_params = [copy.deepcopy(self.mp_trainer.master_params) for _ in self.ema_rate]
 
-        if self.world_size > 1:
+        self.use_ddp = self.world_size > 1  # on CPUs too, over gloo
+        if self.use_ddp:
             device_ids = [dist_util.dev()] if th.cuda.is_available() else None
             self.ddp_model = DDP(self.model, device_ids=device_ids, broadcast_buffers=False, bucket_cap_mb=128)
         else:
@@ -106,10 +109,22 @@ class TrainLoop:
         return ema_params
 
     def _load_optimizer_state(self):
+        """Restore the optimizer from the `optNNNNNN.pt` beside the resumed checkpoint, if there is one."""
         opt_checkpoint = bf.join(bf.dirname(self.resume_checkpoint), f"opt{self.resume_step:06}.pt")
-        if bf.exists(opt_checkpoint):
-            with bf.BlobFile(opt_checkpoint, "rb") as f:
-                self.opt.load_state_dict(th.load(f, map_location=dist_util.dev(), weights_only=True))
+        if not bf.exists(opt_checkpoint):
+            return
+        try:
+            state_dict = dist_util.load_state_dict(opt_checkpoint, map_location=dist_util.dev())
+        except UsageError as e:
+            raise UsageError(f"{e}; or delete it to resume with a fresh optimizer state") from None
+        try:
+            self.opt.load_state_dict(state_dict)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(
+                f"optimizer state {opt_checkpoint} does not fit this model's optimizer ({reason}): "
+                "resume from a checkpoint of this model, or delete it to resume with a fresh optimizer state"
+            ) from None
 
     @property
     def global_step(self):
@@ -139,11 +154,9 @@ class TrainLoop:
         """One optimizer step on a batch, then the EMA update and the learning-rate annealing."""
         self.forward_backward(batch, cond)
         if self.mp_trainer.optimize(self.opt):
-            for rate, params in zip(self.ema_rate, self.ema_params):
-                update_ema(params, self.mp_trainer.master_params, rate=rate)
+            self._update_ema()
         self._anneal_lr()
-        logger.logkv("step", self.global_step + 1)
-        logger.logkv("samples", (self.global_step + 1) * self.global_batch)
+        self.log_step()
 
     def forward_backward(self, batch, cond):
         """Accumulate gradients over microbatches (DDP syncs on the last one only)."""
@@ -153,7 +166,7 @@ class TrainLoop:
             micro_cond = {k: v[i : i + self.microbatch].to(dist_util.dev()) for k, v in cond.items()}
             last_batch = i + self.microbatch >= batch.shape[0]
             compute_loss = functools.partial(self.compute_loss, micro, micro_cond)
-            if last_batch or self.ddp_model is self.model:
+            if last_batch or not self.use_ddp:
                 loss = compute_loss()
             else:
                 with self.ddp_model.no_sync():
@@ -169,12 +182,21 @@ class TrainLoop:
         log_loss_dict(self.diffusion, t, {k: v * weights for k, v in losses.items()})
         return (losses["loss"] * weights).mean()
 
+    def _update_ema(self):
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            update_ema(params, self.mp_trainer.master_params, rate=rate)
+
     def _anneal_lr(self):
         if not self.lr_anneal_steps:
             return
         frac_done = (self.step + self.resume_step) / self.lr_anneal_steps
         for param_group in self.opt.param_groups:
             param_group["lr"] = self.lr * (1 - frac_done)
+
+    def log_step(self):
+        """Log the steps taken, counting the one just done, and the samples seen over all ranks."""
+        logger.logkv("step", self.global_step + 1)
+        logger.logkv("samples", (self.global_step + 1) * self.global_batch)
 
     def save(self):
         """Write the EMA, optimizer and model checkpoints of this step (rank 0, atomically).
@@ -217,14 +239,22 @@ def write_sidecar(checkpoint_path, kind, flags):
 
 
 def parse_resume_step_from_filename(filename):
-    """The step in a name like path/to/model012345.pt (0 if there is none)."""
-    match = re.search(r"(\d+)\.pt$", bf.basename(filename))
-    return int(match.group(1)) if match else 0
+    """The step NNNNNN of a name like path/to/modelNNNNNN.pt (0 when the name has no such part)."""
+    if "model" not in filename:
+        return 0
+    try:
+        return int(filename.split("model")[-1].split(".")[0])
+    except ValueError:
+        return 0
 
 
-def find_resume_checkpoint(directory):
-    """The newest `modelNNNNNN.pt` in directory, or None."""
-    candidates = glob.glob(os.path.join(directory, "model[0-9]*.pt"))
+def find_resume_checkpoint(directory=None):
+    """The newest `modelNNNNNN.pt` in directory (default: the log directory), or None.
+
+    Upstream's is a hook returning None, for users to replace; TrainLoop calls it with no
+    argument, so a replacement of either form keeps working.
+    """
+    candidates = glob.glob(os.path.join(directory or get_blob_logdir(), "model[0-9]*.pt"))
     return max(candidates, key=parse_resume_step_from_filename) if candidates else None
 
 

@@ -6,6 +6,7 @@ checkpoints load with `strict=True`.
 
 from abc import abstractmethod
 
+import numpy as np
 import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
@@ -176,34 +177,57 @@ def _attend(q, k, v):
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, heads * ch)
 
 
-class QKVAttentionLegacy(nn.Module):
-    """Multi-head attention on qkv channels grouped per head: [q, k, v] of head 0, then head 1..."""
+def count_flops_attn(model, _x, y):
+    """Add an attention's matrix-product operations to `model.total_ops` (a custom op for `thop`).
+
+    Use as `thop.profile(net, inputs, custom_ops={QKVAttention: QKVAttention.count_flops})`.
+    y is the attention's output [N, H*C, T]: the weights and the weighted sum of the values
+    each take N * T^2 * H*C multiply-adds.
+    """
+    b, c, *spatial = y.shape
+    num_spatial = int(np.prod(spatial))
+    model.total_ops += th.DoubleTensor([2 * b * num_spatial**2 * c])
+
+
+class _QKVAttentionBase(nn.Module):
+    """Multi-head attention of qkv projections; subclasses say how the channels are ordered."""
 
     def __init__(self, n_heads):
         super().__init__()
         self.n_heads = n_heads
 
     def forward(self, qkv):
-        """[N, 3*H*C, T] -> [N, H*C, T], the original interface."""
+        """[N, 3*H*C, T] -> [N, H*C, T], upstream's interface."""
         return self.attend_tokens(qkv.transpose(1, 2)).transpose(1, 2)
 
     def attend_tokens(self, qkv):
         """[N, T, 3*H*C] -> [N, T, H*C]: attention on token-major projections."""
         n, length, width = qkv.shape
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(n, length, self.n_heads, 3, ch).permute(3, 0, 2, 1, 4).unbind(0)
+        q, k, v = self._split(qkv, width // (3 * self.n_heads))
         return _attend(q, k, v)
 
+    @staticmethod
+    def count_flops(model, _x, y):
+        """The thop counter of this module: see count_flops_attn."""
+        return count_flops_attn(model, _x, y)
 
-class QKVAttention(QKVAttentionLegacy):
-    """Multi-head attention on qkv channels ordered all q, then all k, then all v."""
 
-    def attend_tokens(self, qkv):
-        """[N, T, 3*H*C] -> [N, T, H*C]: attention on token-major projections."""
-        n, length, width = qkv.shape
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(n, length, 3, self.n_heads, ch).permute(2, 0, 3, 1, 4).unbind(0)
-        return _attend(q, k, v)
+class QKVAttentionLegacy(_QKVAttentionBase):
+    """Attention on qkv channels grouped per head: [q, k, v] of head 0, then of head 1..."""
+
+    def _split(self, qkv, ch):
+        """[N, T, H*3*C] -> q, k, v, each [N, H, T, C]."""
+        n, length, _ = qkv.shape
+        return qkv.reshape(n, length, self.n_heads, 3, ch).permute(3, 0, 2, 1, 4).unbind(0)
+
+
+class QKVAttention(_QKVAttentionBase):
+    """Attention on qkv channels ordered all q, then all k, then all v (`use_new_attention_order`)."""
+
+    def _split(self, qkv, ch):
+        """[N, T, 3*H*C] -> q, k, v, each [N, H, T, C]."""
+        n, length, _ = qkv.shape
+        return qkv.reshape(n, length, 3, self.n_heads, ch).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def _pointwise(conv, tokens):

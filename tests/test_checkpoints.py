@@ -79,7 +79,7 @@ def test_corrupt_missing_and_non_state_dict_files(tmp_path):
     torch.save(_tiny().state_dict(), good)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(UsageError, match=r"^cannot read checkpoint .*truncated.pt .*fetch it again\)$"):
+    with pytest.raises(UsageError, match=r"^cannot read checkpoint .*truncated.pt .*fetch or save it again\)$"):
         dist_util.load_state_dict(str(truncated))
     with pytest.raises(UsageError, match="^checkpoint not found: .*nothing.pt"):
         dist_util.load_state_dict(str(tmp_path / "nothing.pt"))

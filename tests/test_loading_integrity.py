@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-from guided_diffusion import dist_util
+from guided_diffusion import dist_util, logger
 from guided_diffusion.errors import UsageError
+from test_training import train_loop
 
 
 class _RunsCode:
@@ -72,7 +73,7 @@ def test_html_page_as_checkpoint(tmp_path):
     path = tmp_path / "model.pt"
     path.write_bytes(b"<html><body>Not Found</body></html>")
     message = _one_line_error(lambda: dist_util.load_state_dict(str(path)))
-    assert "not a PyTorch checkpoint" in message and "fetch it again" in message
+    assert "not a PyTorch checkpoint" in message and message.endswith("fetch or save it again)")
 
 
 def test_model_loading_still_requires_tensors(tmp_path):
@@ -80,3 +81,43 @@ def test_model_loading_still_requires_tensors(tmp_path):
     torch.save(_optimizer_state(), path)
     message = _one_line_error(lambda: dist_util.load_model_state_dict(str(path)))
     assert message.endswith("is not a state dict of tensors (save one with torch.save(model.state_dict(), path))")
+
+
+# ---------------------------------------------------------------- resuming training
+
+
+def _trained_run(tmp_path):
+    """A log directory holding model/opt/ema checkpoints of 2 steps of a tiny model."""
+    with logger.scoped_configure(dir=str(tmp_path), format_strs=[]):
+        train_loop().run_loop()
+    assert (tmp_path / "opt000002.pt").exists()
+
+
+def _resume(tmp_path):
+    with logger.scoped_configure(dir=str(tmp_path), format_strs=[]):
+        return train_loop(lr_anneal_steps=4)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 100, b"<html>Not Found</html>"], ids=["empty", "zeros", "html"])
+def test_corrupt_optimizer_file_on_resume(tmp_path, content):
+    _trained_run(tmp_path)
+    (tmp_path / "opt000002.pt").write_bytes(content)
+    message = _one_line_error(lambda: _resume(tmp_path))
+    assert message.startswith(f"cannot read checkpoint {tmp_path / 'opt000002.pt'} ({len(content)} bytes): ")
+    assert message.endswith("; or delete it to resume with a fresh optimizer state")
+
+
+def test_optimizer_file_of_another_model_on_resume(tmp_path):
+    _trained_run(tmp_path)
+    torch.save(_optimizer_state(), tmp_path / "opt000002.pt")
+    message = _one_line_error(lambda: _resume(tmp_path))
+    assert message.startswith(f"optimizer state {tmp_path / 'opt000002.pt'} does not fit this model's optimizer (")
+    assert message.endswith("or delete it to resume with a fresh optimizer state")
+
+
+def test_optimizer_file_with_pickled_code_on_resume(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _trained_run(tmp_path)
+    torch.save({"state": {}, "param_groups": [], "payload": _RunsCode()}, tmp_path / "opt000002.pt")
+    assert "holds pickled Python objects or code" in _one_line_error(lambda: _resume(tmp_path))
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
