@@ -203,6 +203,115 @@ def test_instances_have_upstream_attributes(tmp_path):
         assert not missing, f"{key} lacks {missing}"
 
 
+# ---------------------------------------------------------------- behaviour of the names added for upstream
+
+
+def test_logger_formats_write_files_and_append_on_reconfigure(tmp_path):
+    from guided_diffusion import logger
+
+    def run(values_per_dump):
+        with logger.scoped_configure(dir=str(tmp_path), format_strs=["log", "json", "csv"]):
+            logger.log("hello", 3)
+            for values in values_per_dump:
+                logger.logkvs(values)
+                assert logger.dumpkvs() == values
+
+    run([{"loss": 0.5}, {"loss": 0.25, "step": 2}])
+    run([{"grad_norm": 1.5}])  # a resumed run appends, with a new key
+    assert (tmp_path / "progress.csv").read_text().splitlines() == ["loss,step,grad_norm", "0.5,,", "0.25,2,", ",,1.5"]
+    assert [json.loads(line) for line in (tmp_path / "progress.json").read_text().splitlines()] == [{"loss": 0.5}, {"loss": 0.25, "step": 2}, {"grad_norm": 1.5}]
+    text = (tmp_path / "log.txt").read_text()
+    assert text.count("Logging to") == text.count("hello 3") == 2
+    assert "| loss | 0.25     |" in text and "| step | 2        |" in text
+
+
+def test_logger_scopes_levels_profile_and_reset(tmp_path, monkeypatch, capsys):
+    from guided_diffusion import logger
+
+    monkeypatch.setattr(logger.Logger, "CURRENT", None)
+    monkeypatch.setattr(logger.Logger, "DEFAULT", None)
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "default"))
+    monkeypatch.setenv("OPENAI_LOG_FORMAT", "log")
+    default = logger.get_current()
+    assert logger.Logger.DEFAULT is default and logger.get_dir() == str(tmp_path / "default")
+    with logger.scoped_configure(dir=str(tmp_path / "inner"), format_strs=["log"]):
+        assert logger.get_dir() == str(tmp_path / "inner")
+    assert logger.get_current() is default
+    logger.configure(dir=str(tmp_path / "other"), format_strs=["log"])
+    logger.set_level(logger.WARN)
+    logger.info("not written")
+    logger.warn("written")
+
+    @logger.profile("work")
+    def work():
+        return 7
+
+    assert work() == 7 and logger.getkvs()["wait_work"] >= 0
+    logger.reset()
+    assert logger.get_current() is default
+    assert (tmp_path / "other" / "log.txt").read_text().splitlines() == ["Logging to " + str(tmp_path / "other"), "written"]
+    assert (tmp_path / "default" / "log.txt").read_text().endswith("Reset logger\n")
+    monkeypatch.setenv("PMI_RANK", "3")
+    assert logger.get_rank_without_mpi_import() == 3
+
+
+def test_tensorboard_format_names_the_missing_package(tmp_path, monkeypatch):
+    from guided_diffusion import logger
+    from guided_diffusion.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as when tensorboard is not installed
+    with pytest.raises(UsageError, match="^the tensorboard log format needs the tensorboard package: pip install tensorboard$"):
+        logger.make_output_format("tensorboard", str(tmp_path))
+
+
+def test_checkpoint_function_and_silu_match_plain_autograd():
+    from guided_diffusion import nn as gnn
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4, requires_grad=True)
+
+    def func(inputs):
+        return gnn.SiLU()(layer(inputs))
+
+    assert torch.allclose(func(x), layer(x) * torch.sigmoid(layer(x)))
+    params = tuple(layer.parameters())
+    plain = torch.autograd.grad(func(x).square().sum(), (x, *params))
+    for out in (gnn.CheckpointFunction.apply(func, 1, x, *params), gnn.checkpoint(func, (x,), params, True)):
+        grads = torch.autograd.grad(out.square().sum(), (x, *params))
+        assert all(torch.allclose(a, b) for a, b in zip(grads, plain))
+
+
+def test_attention_flop_counter():
+    from guided_diffusion import unet
+
+    attention = unet.QKVAttention(2)
+    attention.total_ops = torch.zeros(1, dtype=torch.float64)  # what thop registers
+    qkv = torch.randn(3, 3 * 2 * 8, 16)  # N=3, heads=2, C=8, T=16
+    unet.QKVAttention.count_flops(attention, (qkv,), attention(qkv))
+    assert attention.total_ops.item() == 2 * 3 * 16**2 * (2 * 8)
+    assert not isinstance(attention, unet.QKVAttentionLegacy) and not isinstance(unet.QKVAttentionLegacy(2), unet.QKVAttention)
+
+
+def test_wrapped_model_passes_original_timesteps():
+    from guided_diffusion.respace import _WrappedModel
+
+    seen = []
+    model = _WrappedModel(lambda x, t, **kw: seen.append((t, kw)) or x, [0, 50, 99], True, 100)
+    model(torch.zeros(2), torch.tensor([2, 1]), y=5)
+    assert torch.equal(seen[0][0], torch.tensor([990.0, 500.0])) and seen[0][1] == {"y": 5}
+
+
+def test_image_files_listed_under_upstreams_name(tmp_path):
+    from guided_diffusion import image_datasets
+
+    for name in ("b.png", "a.JPG", "notes.txt", "png", "sub/c.gif"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    expected = [str(tmp_path / n) for n in ("a.JPG", "b.png", "sub/c.gif")]
+    assert image_datasets._list_image_files_recursively(str(tmp_path)) == expected
+
+
 # ---------------------------------------------------------------- the table itself
 
 
