@@ -1,19 +1,21 @@
-"""ADM and ADM-G sampling steps and loops reproduce the reference with the recorded noises."""
+"""ADM and ADM-G sampling steps and loops reproduce the reference with the recipes' noises."""
 
 import pytest
 import torch
 
-from conftest import assert_close, assert_close_at
-from helpers import classifier_grad_fn, golden_model_and_diffusion, golden_network, npz, tensor
+from conftest import assert_close
+from helpers import SAMPLING, golden_model_and_diffusion, guidance, loop_noises, npz, sampling_inputs, step_noise
 
-SCALE = 10000.0
+# The guided DDIM step at t = 999 divides by sqrt(alpha_bar) ~ 5e-5 after adding the classifier
+# gradient: the reference itself moved by 5e-4 there when only its thread count changed.
+DDIM_FIRST_STEP_ATOL = 2e-3
 
 
 @pytest.fixture(scope="module")
 def setup():
     model, diffusion = golden_model_and_diffusion("unet_a", timestep_respacing="25")
-    cond_fn = classifier_grad_fn(golden_network("classifier"), SCALE)
-    return model, diffusion, cond_fn, tensor("golden_sampling", "x"), {"y": tensor("golden_sampling", "y")}
+    x, kwargs = sampling_inputs()
+    return model, diffusion, guidance(SAMPLING["classifier_scale"]), x, kwargs
 
 
 def gold(key):
@@ -23,15 +25,14 @@ def gold(key):
 @pytest.mark.parametrize("t", [24, 12, 0])
 def test_ddpm_steps(setup, t):
     model, diffusion, cond_fn, x, kwargs = setup
-    ts, prefix = torch.full((3,), t), f"adm/r25/t{t}/"
-    noise = tensor("golden_sampling", prefix + "noise")
+    ts, prefix, noise = torch.full((3,), t), f"adm/r25/t{t}/", step_noise("adm", t)
     with torch.no_grad():
         out = diffusion.p_mean_variance(model, x, ts, model_kwargs=kwargs)
         for key in ("mean", "variance", "log_variance", "pred_xstart"):
-            assert_close_at(t, out[key], gold(prefix + "pmv/" + key))
-        assert_close_at(t, diffusion.p_sample(model, x, ts, model_kwargs=kwargs, noise=noise)["sample"], gold(prefix + "ddpm_plain"))
+            assert_close(out[key], gold(prefix + "pmv/" + key))
+        assert_close(diffusion.p_sample(model, x, ts, model_kwargs=kwargs, noise=noise)["sample"], gold(prefix + "ddpm_plain"))
         guided = diffusion.p_sample(model, x, ts, model_kwargs=kwargs, noise=noise, cond_fn=cond_fn)
-    assert_close_at(t, guided["sample"], gold(prefix + "ddpm_cg"))
+    assert_close(guided["sample"], gold(prefix + "ddpm_cg"))
     assert "pxp" not in guided  # pxp_mode none is the plain ADM-G path
 
 
@@ -39,36 +40,33 @@ def test_ddpm_steps(setup, t):
 @pytest.mark.parametrize("eta", [0, 1])
 def test_guided_ddim_steps(setup, t, eta):
     model, diffusion, cond_fn, x, kwargs = setup
-    prefix = f"adm/r25/t{t}/"
     with torch.no_grad():
-        out = diffusion.ddim_sample(
-            model, x, torch.full((3,), t), model_kwargs=kwargs, cond_fn=cond_fn, eta=float(eta), noise=tensor("golden_sampling", prefix + "noise")
-        )
-    assert_close_at(t, out["sample"], gold(prefix + f"ddim_cg_eta{eta}"))
+        out = diffusion.ddim_sample(model, x, torch.full((3,), t), model_kwargs=kwargs, cond_fn=cond_fn, eta=float(eta), noise=step_noise("adm", t))
+    assert_close(out["sample"], gold(f"adm/r25/t{t}/ddim_cg_eta{eta}"), atol=DDIM_FIRST_STEP_ATOL if t == 24 else 1e-4)
 
 
 def test_ddim5_loop(setup):
     _, _, cond_fn, x, kwargs = setup
     model, diffusion = golden_model_and_diffusion("unet_a", timestep_respacing="ddim5")
-    sample = diffusion.ddim_sample_loop(model, x.shape, noise=tensor("golden_sampling", "adm/ddim5_loop/noise"), cond_fn=cond_fn, model_kwargs=kwargs)
+    sample = diffusion.ddim_sample_loop(model, x.shape, noise=x, cond_fn=cond_fn, model_kwargs=kwargs, step_noise=loop_noises("adm/ddim5_loop"))
     assert_close(sample, gold("adm/ddim5_loop/sample"))
 
 
 @pytest.mark.parametrize("as_callable", [False, True])
-def test_ddpm5_loop_with_recorded_noises(setup, as_callable):
+def test_ddpm5_loop_with_recipe_noises(setup, as_callable):
     _, _, cond_fn, x, kwargs = setup
     model, diffusion = golden_model_and_diffusion("unet_a", timestep_respacing="5")
-    noises = tensor("golden_sampling", "adm/ddpm5_loop/noises")
-    step_noise = (lambda i: noises[4 - i]) if as_callable else noises  # callables get the timestep index
-    sample = diffusion.p_sample_loop(model, x.shape, noise=x, cond_fn=cond_fn, model_kwargs=kwargs, step_noise=step_noise)
+    noises = loop_noises("adm/ddpm5_loop")
+    step_noises = (lambda i: noises[4 - i]) if as_callable else noises  # callables get the timestep index
+    sample = diffusion.p_sample_loop(model, x.shape, noise=x, cond_fn=cond_fn, model_kwargs=kwargs, step_noise=step_noises)
     assert_close(sample, gold("adm/ddpm5_loop/sample"))
 
 
 def test_loops_draw_from_torch_generator_without_noise(setup):
-    model, diffusion, _, x, kwargs = setup
-    model5, diffusion5 = golden_model_and_diffusion("unet_a", timestep_respacing="2")
-    torch.manual_seed(3)
-    a = diffusion5.p_sample_loop(model5, (1, 3, 64, 64), model_kwargs={"y": kwargs["y"][:1]})
-    torch.manual_seed(3)
-    b = diffusion5.p_sample_loop(model5, (1, 3, 64, 64), model_kwargs={"y": kwargs["y"][:1]})
-    assert torch.equal(a, b) and a.abs().max() <= 1.5
+    _, _, _, x, kwargs = setup
+    model, diffusion = golden_model_and_diffusion("unet_a", timestep_respacing="2")
+    samples = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        samples.append(diffusion.p_sample_loop(model, (1, *x.shape[1:]), model_kwargs={"y": kwargs["y"][:1]}))
+    assert torch.equal(*samples) and samples[0].abs().max() <= 1.5

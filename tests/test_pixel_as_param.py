@@ -1,16 +1,15 @@
 """PixelAsParam steps: the reference goldens, and the properties of the projections and optimizers."""
 
-import json
-
 import pytest
 import torch
 
-from conftest import assert_close, assert_close_at
+from conftest import assert_close
 from guided_diffusion import pixel_as_param as pxp
 from guided_diffusion.checkpoints import DEFAULTS, parse_flags
 from guided_diffusion.errors import UsageError
+from guided_diffusion.sampling_networks import classifier_guidance
 from guided_diffusion.script_util import create_model_and_diffusion
-from helpers import classifier_grad_fn, golden_model_and_diffusion, golden_network, npz, tensor, without_labels
+from helpers import SAMPLING, golden_model_and_diffusion, golden_network, guidance, loop_noises, npz, sampling_inputs, step_noise, without_labels
 
 MODES = ["cls_den", "cls_den_div", "cls_den_div2"]
 
@@ -21,71 +20,82 @@ def gold(key):
 
 @pytest.fixture(scope="module")
 def classifier():
-    return golden_network("classifier")
+    return golden_network("classifier32")
 
 
 @pytest.fixture(scope="module")
 def inputs():
-    return tensor("golden_sampling", "x"), {"y": tensor("golden_sampling", "y")}
+    return sampling_inputs()
 
 
 # ----------------------------------------------------------------- reference goldens
 
 
+# In the pxpc loops every step projects strongly conflicting directions (cosine about -0.8), which
+# amplifies rounding about 100x by mid-loop: the reference moved by 3.1e-5 when only its thread
+# count changed. Our fused combination rounds differently from the reference's sequential one (it
+# is the closer of the two to a float64 evaluation, step by step) and lands up to 2.8e-4 from `mid`;
+# with the reference's operation order substituted it lands within 2.9e-5.
+PXPC_MID_ATOL = 1e-3
+
+
+def assert_loop_matches(outputs, prefix, mid_atol=1e-4):
+    """A 25-step loop's outputs against the reference's `mid` (after SAMPLING["mid_step"] steps) and final `sample`."""
+    assert len(outputs) == 25
+    assert_close(outputs[SAMPLING["mid_step"] - 1]["sample"], gold(prefix + "mid"), atol=mid_atol)
+    assert_close(outputs[-1]["sample"], gold(prefix + "sample"))
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_pxp_steps(mode, classifier, inputs):
+def test_pxp_steps(mode, inputs):
     x, kwargs = inputs
     model, diffusion = golden_model_and_diffusion("unet_u", timestep_respacing="25", pxp_mode=mode)
-    cond_fn = classifier_grad_fn(classifier, 10000.0)
+    cond_fn = guidance(SAMPLING["classifier_scale"])
     for t in (24, 12, 0):
-        prefix = f"pxp/{mode}/r25/t{t}/"
         with torch.no_grad():
-            out = diffusion.p_sample(
-                without_labels(model), x, torch.full((3,), t), cond_fn=cond_fn, model_kwargs=kwargs, noise=tensor("golden_sampling", prefix + "noise")
-            )
-        assert_close_at(t, out["sample"], gold(prefix + "sample"))
+            out = diffusion.p_sample(without_labels(model), x, torch.full((3,), t), cond_fn=cond_fn, model_kwargs=kwargs, noise=step_noise("pxp", t))
+        assert_close(out["sample"], gold(f"pxp/{mode}/r25/t{t}/sample"))
         assert set(out["pxp"]) == {"cos_den_cls", "cos_cls_div", "cos_den_div", "fired_cls_den", "fired_cls_div"}
 
 
 @pytest.mark.parametrize("mode", MODES + ["none"])
-def test_pxp_loops(mode, classifier, inputs):
+def test_pxp_loops(mode, inputs):
     x, kwargs = inputs
     model, diffusion = golden_model_and_diffusion("unet_u", timestep_respacing="25", pxp_mode=mode)
-    prefix = f"pxp/{mode}/loop25/"
-    sample = diffusion.p_sample_loop(
-        without_labels(model), x.shape, noise=x, cond_fn=classifier_grad_fn(classifier, 10000.0), model_kwargs=kwargs,
-        device="cpu", step_noise=tensor("golden_sampling", prefix + "noises"),
+    outputs = diffusion.p_sample_loop_progressive(
+        without_labels(model), x.shape, noise=x, cond_fn=guidance(SAMPLING["classifier_scale"]), model_kwargs=kwargs,
+        device="cpu", step_noise=loop_noises("pxp/loop25"),
     )
-    assert_close(sample, gold(prefix + "sample"))
+    assert_loop_matches(list(outputs), f"pxp/{mode}/loop25/")
 
 
 @pytest.mark.parametrize("mode", MODES + ["none"])
-def test_pxp_loops_with_conflicting_guidance(mode, classifier, inputs):
+def test_pxp_loops_with_conflicting_guidance(mode, inputs):
     """The class-conditional recipe, with a guidance pull that makes every projection fire."""
     x, kwargs = inputs
     model, diffusion = golden_model_and_diffusion("unet_a", timestep_respacing="25", pxp_mode=mode, noise_schedule="linear")
-    grad = classifier_grad_fn(classifier, 500.0)
-    pull = torch.tensor([1.0, 1.0, 0.0]).view(-1, 1, 1, 1)
-    prefix = f"pxpc/{mode}/loop25/"
-    fired = []
-    for out in diffusion.p_sample_loop_progressive(
+    grad = guidance(SAMPLING["pxpc_classifier_scale"])
+    pull = SAMPLING["pxpc_pull"] * torch.tensor([1.0, 1.0, 0.0]).view(-1, 1, 1, 1)  # samples 0 and 1 only
+    outputs = list(diffusion.p_sample_loop_progressive(
         model, x.shape, noise=x, cond_fn=lambda x, t, y=None: grad(x, t, y=y) - pull * x, model_kwargs=kwargs,
-        step_noise=tensor("golden_sampling", prefix + "noises"),
-    ):
-        fired.append(out["pxp"]["fired_cls_den"] if "pxp" in out else None)
-    assert_close(out["sample"], gold(prefix + "sample"))
+        step_noise=loop_noises("pxpc/loop25"),
+    ))
+    assert_loop_matches(outputs, f"pxpc/{mode}/loop25/", mid_atol=PXPC_MID_ATOL)
     if mode != "none":
-        assert all(f[:2].all() for f in fired)  # the pull conflicts with denoising at every step
+        assert all(out["pxp"]["fired_cls_den"][:2].all() for out in outputs)  # the pull conflicts with denoising at every step
 
 
 def _cfg_networks():
+    """The fixtures' classifier-free pair: the "unconditional" network is unet_a with its eps scaled
+    (samples 0 and 1, so the projection fires) and the real unet_u (sample 2); the conditional one is unet_a."""
     cond_net, uncond_net = golden_network("unet_a"), golden_network("unet_u")
-    y = tensor("golden_sampling", "y")
+    _, kwargs = sampling_inputs()
+    scaled = torch.tensor([1.0, 1.0, 0.0]).view(-1, 1, 1, 1)
 
-    def uncond(x, t):  # samples 0, 1: a scaled copy of the conditional eps, so the projection fires
-        a = cond_net(x, t, y=y)
-        a = torch.cat([a[:, :3] * 1.6, a[:, 3:]], dim=1)
-        return torch.cat([a[:2], uncond_net(x, t)[2:]])
+    def uncond(x, t):
+        out = cond_net(x, t, **kwargs)
+        out = torch.cat([out[:, :3] * SAMPLING["cfg_eps_mult"], out[:, 3:]], dim=1)
+        return scaled * out + (1 - scaled) * uncond_net(x, t)
 
     return uncond, cond_net
 
@@ -94,23 +104,23 @@ def _cfg_networks():
 @pytest.mark.parametrize("kind", ["cfg", "cfg_pxp", "cfg_pxp_w"])
 def test_classifier_free_steps_and_loops(kind, w, inputs):
     x, kwargs = inputs
-    weights = json.loads((npz.__globals__["FIXTURES"] / "golden_sampling.json").read_text())[f"{kind}/w{w}"]
-    mode = "cls_den" if weights else "none"
+    settings = SAMPLING["cfg"][f"{kind}/w{w}"]
+    mode = "cls_den" if "den_weight" in settings else "none"
     _, diffusion = golden_model_and_diffusion(
         "unet_a", timestep_respacing="25", pxp_mode=mode,
-        dweight=weights.get("den_weight", 1.0), cweight=weights.get("cond_weight", 1.0),
+        dweight=settings.get("den_weight", 1.0), cweight=settings.get("cond_weight", 1.0),
     )
     uncond, cond_net = _cfg_networks()
-    cfg = pxp.ClassifierFree(cond_model=cond_net, scale=float(w))
+    cfg = pxp.ClassifierFree(cond_model=cond_net, scale=settings["w_cond"])
     for t in (24, 12, 0):
-        prefix = f"{kind}/w{w}/r25/t{t}/"
         with torch.no_grad():
-            out = diffusion.p_sample(uncond, x, torch.full((3,), t), model_kwargs=kwargs, cfg=cfg, noise=tensor("golden_sampling", prefix + "noise"))
-        assert_close_at(t, out["sample"], gold(prefix + "sample"))
+            out = diffusion.p_sample(uncond, x, torch.full((3,), t), model_kwargs=kwargs, cfg=cfg, noise=step_noise("cfg", t))
+        assert_close(out["sample"], gold(f"{kind}/w{w}/r25/t{t}/sample"))
         assert ("pxp" in out) == (mode != "none")
-    prefix = f"{kind}/w{w}/loop25/"
-    sample = diffusion.p_sample_loop(uncond, x.shape, noise=x, model_kwargs=kwargs, cfg=cfg, device="cpu", step_noise=tensor("golden_sampling", prefix + "noises"))
-    assert_close(sample, gold(prefix + "sample"))
+    outputs = list(diffusion.p_sample_loop_progressive(uncond, x.shape, noise=x, model_kwargs=kwargs, cfg=cfg, device="cpu", step_noise=loop_noises("cfg/loop25")))
+    assert_loop_matches(outputs, f"{kind}/w{w}/loop25/")
+    if mode != "none":
+        assert any(out["pxp"]["fired_cls_den"][:2].any() for out in outputs)  # the projection was exercised
 
 
 # ----------------------------------------------------------------- properties of a step
@@ -189,7 +199,7 @@ def test_plain_adm_g_path_is_bitwise_unchanged(classifier, inputs):
     x, kwargs = inputs
     model, default = golden_model_and_diffusion("unet_a", timestep_respacing="25")
     _, explicit = golden_model_and_diffusion("unet_a", timestep_respacing="25", pxp_mode="none", dweight=0.3)
-    cond_fn, t, noise = classifier_grad_fn(classifier, 10000.0), torch.full((3,), 12), torch.randn_like(x)
+    cond_fn, t, noise = classifier_guidance(classifier, 10000.0), torch.full((3,), 12), torch.randn_like(x)
     with torch.no_grad():
         mean = default.p_mean_variance(model, x, t, model_kwargs=kwargs)
         expected = default.condition_mean(cond_fn, mean, x, t, model_kwargs=kwargs) + torch.exp(0.5 * mean["log_variance"]) * noise
@@ -203,7 +213,7 @@ def test_window_projects_only_its_steps(classifier, inputs, t, inside):
     model, windowed = golden_model_and_diffusion("unet_a", timestep_respacing="25", pxp_mode="cls_den", pxp_window="0.5,1")
     _, full = golden_model_and_diffusion("unet_a", timestep_respacing="25", pxp_mode="cls_den")
     _, plain = golden_model_and_diffusion("unet_a", timestep_respacing="25")
-    cond_fn, steps, noise = classifier_grad_fn(classifier, 10000.0), torch.full((3,), t), torch.randn_like(x)
+    cond_fn, steps, noise = classifier_guidance(classifier, 10000.0), torch.full((3,), t), torch.randn_like(x)
     with torch.no_grad():
         got, expected = (d.p_sample(model, x, steps, cond_fn=cond_fn, model_kwargs=kwargs, noise=noise) for d in (windowed, full if inside else plain))
     assert ("pxp" in got) == inside  # 13/25 >= 0.5 projects, 12/25 does not
@@ -220,7 +230,7 @@ def test_ddim_directions_reassemble_adm_g_ddim(classifier, inputs, eta, t):
     x, kwargs = inputs
     model, adm = golden_model_and_diffusion("unet_a", timestep_respacing="25")
     _, unprojected = golden_model_and_diffusion("unet_a", timestep_respacing="25", pxp_mode="cls_den_div", dweight=0.0, cweight=0.0)
-    cond_fn, ts, noise = classifier_grad_fn(classifier, 10000.0), torch.full((3,), t), torch.randn_like(x)
+    cond_fn, ts, noise = classifier_guidance(classifier, 10000.0), torch.full((3,), t), torch.randn_like(x)
     with torch.no_grad():
         expected = adm.ddim_sample(model, x, ts, cond_fn=cond_fn, model_kwargs=kwargs, eta=eta, noise=noise)["sample"]
         actual = unprojected.ddim_sample(model, x, ts, cond_fn=cond_fn, model_kwargs=kwargs, eta=eta, noise=noise)["sample"]
@@ -232,7 +242,7 @@ def test_ddim_directions_reassemble_adm_g_ddim(classifier, inputs, eta, t):
 def test_ddim_pxp_loops_stay_finite(classifier, inputs, mode, eta):
     x, kwargs = inputs
     model, diffusion = golden_model_and_diffusion("unet_a", timestep_respacing="ddim10", pxp_mode=mode)
-    grad = classifier_grad_fn(classifier, 10000.0)
+    grad = classifier_guidance(classifier, 10000.0)
     fired = []
     for out in diffusion.ddim_sample_loop_progressive(model, x.shape, noise=x, cond_fn=lambda x, t, y=None: grad(x, t, y=y) - x, model_kwargs=kwargs, eta=eta):
         assert torch.isfinite(out["sample"]).all()
@@ -266,7 +276,7 @@ def test_optimizer_flows_through_a_loop(classifier, inputs):
     x, kwargs = inputs
     model, plain = golden_model_and_diffusion("unet_a", timestep_respacing="4")
     _, momentum = golden_model_and_diffusion("unet_a", timestep_respacing="4", pxp_optimizer="momentum")
-    cond_fn, noises = classifier_grad_fn(classifier, 10000.0), torch.randn(4, *x.shape)
+    cond_fn, noises = classifier_guidance(classifier, 10000.0), torch.randn(4, *x.shape)
     a = plain.p_sample_loop(model, x.shape, noise=x, cond_fn=cond_fn, model_kwargs=kwargs, step_noise=noises)
     b = momentum.p_sample_loop(model, x.shape, noise=x, cond_fn=cond_fn, model_kwargs=kwargs, step_noise=noises)
     assert torch.isfinite(b).all() and not torch.allclose(a, b)
