@@ -34,7 +34,7 @@ from evaluations.digits_features import load_evaluator  # noqa: E402
 from evaluations.metrics import compute_statistics, frechet_distance, precision_recall  # noqa: E402
 from guided_diffusion.checkpoints import load_with_sidecar  # noqa: E402
 from guided_diffusion.digits import digits_split  # noqa: E402
-from guided_diffusion.sampling import classifier_guidance, label_aware  # noqa: E402
+from guided_diffusion.sampling_networks import classifier_guidance, label_aware  # noqa: E402
 from guided_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
 
 

@@ -19,7 +19,7 @@ import torch.utils.flop_counter as flop_counter
 
 from guided_diffusion import pixel_as_param as pxp
 from guided_diffusion.checkpoints import DEFAULTS, OFFICIAL, build, parse_flags
-from guided_diffusion.sampling import classifier_guidance, speed_up
+from guided_diffusion.sampling_networks import classifier_guidance, speed_up
 from guided_diffusion.script_util import create_gaussian_diffusion, str2bool
 
 # the CPU attention kernels, which torch's flop counter does not know (it counts the CUDA ones); it passes shapes

@@ -1,13 +1,18 @@
-"""The published OpenAI checkpoints, their flags, and loading weights with readable errors.
+"""Checkpoints and their flags: the published OpenAI ones, sidecar files, flag resolution, loading with readable errors.
 
-A state dict that does not fit the model raises one line naming the missing, unexpected and
-mis-shaped keys and, when the file is an official checkpoint, the flag string that builds it.
+A network's flags come from the script's defaults, then the flags its checkpoint carries (its
+sidecar `<checkpoint>.json`, else the README flags of the official checkpoint with the same
+architecture), then the flags typed on the command line. A state dict that does not fit the
+model raises one line naming the missing, unexpected and mis-shaped keys and, when the file is
+an official checkpoint, the flag string that builds it.
 """
 
+import hashlib
 import json
 import os
 import shlex
 
+import blobfile as bf
 import torch as th
 
 from . import dist_util
@@ -75,6 +80,10 @@ OFFICIAL = {
 }
 
 DEFAULTS = {"model": model_and_diffusion_defaults, "classifier": classifier_defaults, "sr": sr_model_and_diffusion_defaults}
+KIND_NAMES = {"model": "diffusion model", "sr": "super-resolution model", "classifier": "classifier"}
+
+# flags that choose how a network is sampled, not which network it is: kept out of sidecars
+SAMPLING_FLAGS = ("timestep_respacing", "pxp_mode", "dweight", "cweight", "pxp_optimizer", "pxp_window", "guidance_window", "pxp_bound")
 
 
 def parse_flags(flag_string, defaults):
@@ -139,7 +148,7 @@ def read_sidecar(path):
             content = json.load(f)
         if not isinstance(content.get("flags"), str):
             raise ValueError("no 'flags' string")
-    except (ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError) as e:
         raise UsageError(f"cannot read {sidecar}: expected JSON with a 'flags' string ({e})") from e
     return content
 
@@ -148,6 +157,64 @@ def sidecar_flags(path):
     """The flag string stored beside a checkpoint in `<path>.json`, or None."""
     sidecar = read_sidecar(path)
     return sidecar and sidecar["flags"]
+
+
+def make_sidecar(kind, args, defaults):
+    """The sidecar of a checkpoint trained with args: its kind and the flags (of `defaults`) that build it."""
+    names = [k for k in defaults if k not in SAMPLING_FLAGS]
+    return dict(kind=kind, flags=" ".join(f"--{k} {shlex.quote(str(getattr(args, k)))}" for k in names))
+
+
+def write_sidecar(checkpoint_path, kind, flags):
+    """Write `<checkpoint_path>.json` = {"kind", "flags"}: what builds the network the checkpoint fits."""
+    tmp_path = f"{checkpoint_path}.json.tmp"
+    with open(tmp_path, "w") as f:
+        json.dump({"kind": kind, "flags": flags}, f, indent=1)
+        f.write("\n")
+    os.replace(tmp_path, f"{checkpoint_path}.json")
+
+
+def carried_flags(path, kind, state_dict, flag="checkpoint"):
+    """(flags the checkpoint carries, where they come from): its sidecar's, else the official checkpoint's it matches.
+
+    Only the flags named in that flag string are returned, typed; ({}, None) when it carries none.
+    `flag` names the checkpoint in errors (e.g. --model_path).
+    """
+    sidecar, source = read_sidecar(path), f"{path}.json"
+    if sidecar is not None:
+        flag_string, found = sidecar["flags"], sidecar.get("kind", kind)
+        if found != kind:
+            raise UsageError(f"{flag} {path} is a {KIND_NAMES.get(found, found)} (says {source}), not a {KIND_NAMES[kind]}")
+    else:
+        names = identify(state_dict)
+        if not names:
+            return {}, None
+        found, flag_string = OFFICIAL[names[0]]
+        if found != kind:
+            raise UsageError(f"{flag} {path} is the official {names[0]}, a {KIND_NAMES[found]}, not a {KIND_NAMES[kind]}")
+        source = f"the official {' / '.join(names)}"
+    try:
+        values = parse_flags(flag_string, DEFAULTS[kind]())
+    except UsageError as e:
+        raise UsageError(f"flags of {path} from {source}: {e}") from e
+    return {name[2:]: values[name[2:]] for name in shlex.split(flag_string)[::2]}, source
+
+
+def resolve_flags(defaults, carried, typed):
+    """A network's flags: the script's defaults, then those its checkpoint carries, then those typed (only names in defaults)."""
+    flags = dict(defaults)
+    flags.update({k: v for k, v in carried.items() if k in flags})
+    flags.update({k: v for k, v in typed.items() if k in flags})
+    return flags
+
+
+def file_sha256(path, chunk_size=1 << 20):
+    """The SHA-256 of a file as hex, read in chunks (memory stays small whatever the file's size)."""
+    digest = hashlib.sha256()
+    with bf.BlobFile(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _key_list(keys, limit=3):

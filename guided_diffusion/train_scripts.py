@@ -1,21 +1,13 @@
-"""What the training scripts (and image_nll.py) share: flags, MPI and logger setup, the hand-over
-to TrainLoop, sidecar flags for the checkpoints, and one-line reports of bad input."""
+"""What the training scripts (and image_nll.py) share: training flags, the log folder of all ranks, the hand-over to TrainLoop.
 
-import argparse
-import shlex
-import sys
+They run under the scripts' harness (`harness.run_script`: one-line errors, Ctrl-C) and write
+checkpoints with sidecars (`checkpoints.make_sidecar`), so that the sampling scripts need no flags.
+"""
 
-import torch.distributed as dist
-
-from . import dist_util, logger
+from . import dist_util, harness, logger
 from .checkpoints import DEFAULTS, parse_flags, sidecar_flags
-from .errors import UsageError
 from .resample import create_named_schedule_sampler
-from .script_util import add_dict_to_argparser
 from .train_util import TrainLoop
-
-# flags that choose how a network is sampled, not which network it is: kept out of sidecars
-SAMPLING_FLAGS = ("timestep_respacing", "pxp_mode", "dweight", "cweight", "pxp_optimizer", "pxp_window")
 
 
 def train_defaults():
@@ -38,13 +30,6 @@ def train_defaults():
     )
 
 
-def create_argparser(description, *default_dicts):
-    """An argument parser with a `--name value` flag for every entry of the default dicts (later dicts win)."""
-    parser = argparse.ArgumentParser(description=description)
-    add_dict_to_argparser(parser, {k: v for defaults in default_dicts for k, v in defaults.items()})
-    return parser
-
-
 def parse_with_sidecar(parser, kind):
     """Parse flags, taking the network's from the sidecar of --model_path when it has one.
 
@@ -58,32 +43,13 @@ def parse_with_sidecar(parser, kind):
     return parser.parse_args()
 
 
-def run(main):
-    """Run a script's main(); bad input (UsageError) is printed as one line on stderr, exit status 2."""
-    try:
-        main()
-    except UsageError as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(2)
-
-
 def setup():
-    """Join the MPI ranks and log to one folder for all of them ($OPENAI_LOGDIR or rank 0's choice).
+    """Log to one folder for all ranks ($OPENAI_LOGDIR or rank 0's choice).
 
     Logged values are averaged over the ranks; checkpoints go to that folder, which is also
     where a rerun of the same command finds them to resume.
     """
-    dist_util.setup_dist()
-    logdir = [logger.default_dir()]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(logdir, src=0)
-    logger.configure(dir=logdir[0], comm=dist_util.mpi_comm())
-
-
-def make_sidecar(kind, args, defaults):
-    """The sidecar of a checkpoint trained with args: its kind and the flags (of `defaults`) that build it."""
-    names = [k for k in defaults if k not in SAMPLING_FLAGS]
-    return dict(kind=kind, flags=" ".join(f"--{k} {shlex.quote(str(getattr(args, k)))}" for k in names))
+    logger.configure(dir=harness.collective(logger.default_dir, broadcast=True), comm=dist_util.mpi_comm())
 
 
 def train(args, model, diffusion, data, sidecar, loop_class=TrainLoop, **overrides):
@@ -95,5 +61,8 @@ def train(args, model, diffusion, data, sidecar, loop_class=TrainLoop, **overrid
     kwargs.update(schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion), sidecar=sidecar)
     kwargs.update(overrides)
     logger.log("training...")
-    loop_class(model=model, diffusion=diffusion, data=data, **kwargs).run_loop()
+    try:
+        loop_class(model=model, diffusion=diffusion, data=data, **kwargs).run_loop()
+    except KeyboardInterrupt:
+        raise harness.Interrupted(f"the checkpoints saved so far are in {logger.get_dir()}; with OPENAI_LOGDIR={logger.get_dir()} the same command resumes") from None
     logger.log(f"done: checkpoints in {logger.get_dir()}")

@@ -3,7 +3,6 @@
 import copy
 import functools
 import glob
-import json
 import os
 
 import blobfile as bf
@@ -13,6 +12,7 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from . import dist_util, logger
+from .checkpoints import write_sidecar
 from .errors import UsageError
 from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer  # noqa: F401 (upstream's name here too)
 from .nn import update_ema
@@ -227,15 +227,6 @@ def save_atomically(obj, filename, directory=None):
     with bf.BlobFile(tmp_path, "wb") as f:
         th.save(obj, f)
     os.replace(tmp_path, path)
-
-
-def write_sidecar(checkpoint_path, kind, flags):
-    """Write `<checkpoint_path>.json` = {"kind", "flags"}: what builds the network the checkpoint fits."""
-    tmp_path = f"{checkpoint_path}.json.tmp"
-    with open(tmp_path, "w") as f:
-        json.dump({"kind": kind, "flags": flags}, f, indent=1)
-        f.write("\n")
-    os.replace(tmp_path, f"{checkpoint_path}.json")
 
 
 def parse_resume_step_from_filename(filename):

@@ -8,37 +8,47 @@ default) projects the conditional x0 prediction and the guidance delta against e
         --cond_model_path models/256x256_diffusion.pt --cond_model_scale 1.0 --timestep_respacing 250
 """
 
-from guided_diffusion import sampling
+from guided_diffusion import harness, sampling
 from guided_diffusion.errors import UsageError
 from guided_diffusion.pixel_as_param import ClassifierFree
+from guided_diffusion.sampling_flags import sampling_defaults, start
+from guided_diffusion.sampling_networks import Checkpoint, label_aware
+from guided_diffusion.sampling_output import Output
 from guided_diffusion.script_util import model_and_diffusion_defaults
 
 CFG_MODES = {"auto": "cls_den", "cls_den": "cls_den", "none": "none"}
 
 
-def main():
-    model_defaults = dict(model_and_diffusion_defaults(), pxp_mode="auto")
-    flags_of_both = {k: v for k, v in model_defaults.items() if k != "class_cond"}  # class_cond is fixed by the role
+def model_defaults():
+    """The flags of both networks (class_cond is fixed by each one's role), PixelAsParam's recipe by default."""
+    return {k: v for k, v in dict(model_and_diffusion_defaults(), pxp_mode="auto").items() if k != "class_cond"}
+
+
+def create_argparser():
+    """The script's flags, grouped, with help."""
     guidance = dict(cond_model_path="", cond_model_scale=1.0, pxp_stats="")
-    parser = sampling.create_argparser(sampling.sampling_defaults(), flags_of_both, guidance, description=__doc__)
-    args, explicit = sampling.start(parser)
+    return harness.create_argparser(__doc__, sampling_defaults(), model_defaults(), guidance)
+
+
+def main():
+    args, explicit = start(create_argparser())
     if args.pxp_mode not in CFG_MODES:
         raise UsageError(f"--pxp_mode {args.pxp_mode}: classifier-free guidance has no diversity projection; use none, cls_den or auto (= cls_den)")
-    uncond = sampling.Checkpoint(args, explicit, "model_path", "model", dict(model_defaults, class_cond=False))
-    cond = sampling.Checkpoint(args, explicit, "cond_model_path", "model", dict(model_defaults, class_cond=True))
+    uncond = Checkpoint(args, explicit, "model_path", "model", dict(model_defaults(), class_cond=False))
+    cond = Checkpoint(args, explicit, "cond_model_path", "model", dict(model_defaults(), class_cond=True))
     if uncond.flags["class_cond"] or not cond.flags["class_cond"]:
         raise UsageError(f"--model_path must be an unconditional model and --cond_model_path a class-conditional one ({uncond.path}, {cond.path})")
     cond.check_matches(uncond, "image_size", "diffusion_steps", "noise_schedule")
     size = uncond.flags["image_size"]
-    out = sampling.Output(args, args.num_samples, size)
-    if out.finished():
-        return
     uncond.flags["pxp_mode"] = CFG_MODES[args.pxp_mode]
+    out = Output(args, args.num_samples, size, [uncond, cond])
+    if not out.claim():
+        return
     model, diffusion = uncond.load()
     cond_model, _ = cond.load()
     task = sampling.Task(
         diffusion,
-        sampling.label_aware(model, False),
+        label_aware(model, False),
         (3, size, size),
         num_classes=cond.flags["num_classes"],
         cfg=ClassifierFree(cond_model, args.cond_model_scale),
@@ -48,4 +58,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sampling.run_script(main)
+    harness.run_script(main)

@@ -13,7 +13,11 @@ samples without guidance (labels are still drawn, from the classifier's classes)
 
 import os
 
-from guided_diffusion import sampling
+from guided_diffusion import harness, sampling
+from guided_diffusion.pixel_as_param import resolve_mode
+from guided_diffusion.sampling_flags import sampling_defaults, start
+from guided_diffusion.sampling_networks import Checkpoint, classifier_guidance, label_aware
+from guided_diffusion.sampling_output import Output
 from guided_diffusion.script_util import classifier_defaults, model_and_diffusion_defaults
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
@@ -31,30 +35,39 @@ EMBEDDED = dict(
 )
 
 
-def main():
-    model_defaults = dict(model_and_diffusion_defaults(), pxp_mode="auto")
+def model_defaults():
+    """The diffusion model's flags, with PixelAsParam's recipe chosen by default."""
+    return dict(model_and_diffusion_defaults(), pxp_mode="auto")
+
+
+def create_argparser():
+    """The script's flags, grouped, with help."""
     guidance = dict(classifier_path="", classifier_scale=1.0, pxp_stats="")
-    parser = sampling.create_argparser(sampling.sampling_defaults(), model_defaults, classifier_defaults(), guidance, description=__doc__)
-    args, explicit = sampling.start(parser, embedded=EMBEDDED)
-    model_checkpoint = sampling.Checkpoint(args, explicit, "model_path", "model", model_defaults)
-    classifier_checkpoint = sampling.Checkpoint(args, explicit, "classifier_path", "classifier", classifier_defaults())
+    return harness.create_argparser(__doc__, sampling_defaults(), model_defaults(), classifier_defaults(), guidance)
+
+
+def main():
+    args, explicit = start(create_argparser(), embedded=EMBEDDED)
+    model_checkpoint = Checkpoint(args, explicit, "model_path", "model", model_defaults())
+    classifier_checkpoint = Checkpoint(args, explicit, "classifier_path", "classifier", classifier_defaults())
     flags = model_checkpoint.flags
     classifier_checkpoint.check_matches(model_checkpoint, "image_size", *(["num_classes"] if flags["class_cond"] else []))
-    out = sampling.Output(args, args.num_samples, flags["image_size"])
-    if out.finished():
+    flags["pxp_mode"] = resolve_mode(flags["pxp_mode"], flags["class_cond"])
+    out = Output(args, args.num_samples, flags["image_size"], [model_checkpoint, classifier_checkpoint])
+    if not out.claim():
         return
     model, diffusion = model_checkpoint.load()
     classifier, _ = classifier_checkpoint.load()
     task = sampling.Task(
         diffusion,
-        sampling.label_aware(model, flags["class_cond"]),
+        label_aware(model, flags["class_cond"]),
         (3, flags["image_size"], flags["image_size"]),
         num_classes=classifier_checkpoint.flags["num_classes"],
-        cond_fn=sampling.classifier_guidance(classifier, args.classifier_scale) if args.classifier_scale else None,
+        cond_fn=classifier_guidance(classifier, args.classifier_scale) if args.classifier_scale else None,
         stats_path=args.pxp_stats,
     )
     sampling.sample(args, task, out)
 
 
 if __name__ == "__main__":
-    sampling.run_script(main)
+    harness.run_script(main)

@@ -3,7 +3,8 @@
 import torch as th
 import torch.nn.functional as F
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, harness, logger
+from guided_diffusion.checkpoints import make_sidecar
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import (
     args_to_dict,
@@ -11,7 +12,7 @@ from guided_diffusion.script_util import (
     classifier_defaults,
     create_classifier_and_diffusion,
 )
-from guided_diffusion.train_scripts import create_argparser, make_sidecar, run, setup, train
+from guided_diffusion.train_scripts import setup, train
 from guided_diffusion.train_util import TrainLoop, log_loss_dict
 
 
@@ -63,8 +64,8 @@ class ClassifierTrainLoop(TrainLoop):
             super()._anneal_lr()
 
 
-def main():
-    """Build the classifier and diffusion from flags and train on data_dir (validating on val_data_dir)."""
+def create_argparser():
+    """The script's flags, grouped, with help."""
     defaults = dict(
         data_dir="",
         val_data_dir="",
@@ -84,7 +85,12 @@ def main():
         random_crop=True,  # added: the original always crops training images at random
         random_flip=True,  # added: ... and mirrors half of them
     )
-    args = create_argparser(__doc__, defaults, classifier_and_diffusion_defaults()).parse_args()
+    return harness.create_argparser(__doc__, defaults, classifier_and_diffusion_defaults(), context="train")
+
+
+def main():
+    """Build the classifier and diffusion from flags and train on data_dir (validating on val_data_dir)."""
+    args = create_argparser().parse_args()
     setup()
     data_flags = dict(batch_size=args.batch_size, image_size=args.image_size, class_cond=True)
     data = load_data(data_dir=args.data_dir, random_crop=args.random_crop, random_flip=args.random_flip, **data_flags)
@@ -108,4 +114,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    harness.run_script(main)

@@ -6,18 +6,23 @@ import os
 import numpy as np
 import torch.distributed as dist
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, harness, logger
 from guided_diffusion.checkpoints import load_weights
 from guided_diffusion.errors import UsageError
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
-from guided_diffusion.train_scripts import create_argparser, parse_with_sidecar, run, setup
+from guided_diffusion.train_scripts import parse_with_sidecar, setup
+
+
+def create_argparser():
+    """The script's flags, grouped, with help."""
+    defaults = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
+    return harness.create_argparser(__doc__, defaults, model_and_diffusion_defaults(), context="image_nll")
 
 
 def main():
     """Load the model and report the mean bpd of num_samples images of data_dir (unflipped, in file order)."""
-    defaults = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
-    args = parse_with_sidecar(create_argparser(__doc__.splitlines()[0], defaults, model_and_diffusion_defaults()), "model")
+    args = parse_with_sidecar(create_argparser(), "model")
     if not args.model_path:
         raise UsageError("no --model_path given: point it at a diffusion model checkpoint")
     setup()
@@ -68,4 +73,4 @@ def run_bpd_evaluation(model, diffusion, data, num_samples, clip_denoised):
 
 
 if __name__ == "__main__":
-    run(main)
+    harness.run_script(main)

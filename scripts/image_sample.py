@@ -1,24 +1,31 @@
-"""Sample a batch of images from a diffusion model and save it as an .npz (labels too for class-conditional models).
+"""Sample images from a diffusion model and save them as an .npz (labels too for class-conditional models).
 
     mpiexec -n N python scripts/image_sample.py --model_path models/256x256_diffusion_uncond.pt --num_samples 100
 """
 
-from guided_diffusion import sampling
+from guided_diffusion import harness, sampling
+from guided_diffusion.sampling_flags import sampling_defaults, start
+from guided_diffusion.sampling_networks import Checkpoint, label_aware
+from guided_diffusion.sampling_output import Output
 from guided_diffusion.script_util import model_and_diffusion_defaults
 
 
+def create_argparser():
+    """The script's flags, grouped, with help."""
+    return harness.create_argparser(__doc__, sampling_defaults(), model_and_diffusion_defaults())
+
+
 def main():
-    parser = sampling.create_argparser(sampling.sampling_defaults(), model_and_diffusion_defaults(), description=__doc__)
-    args, explicit = sampling.start(parser)
-    checkpoint = sampling.Checkpoint(args, explicit, "model_path", "model", model_and_diffusion_defaults())
+    args, explicit = start(create_argparser())
+    checkpoint = Checkpoint(args, explicit, "model_path", "model", model_and_diffusion_defaults())
     flags = checkpoint.flags
-    out = sampling.Output(args, args.num_samples, flags["image_size"])
-    if out.finished():
+    out = Output(args, args.num_samples, flags["image_size"], [checkpoint])
+    if not out.claim():
         return
     model, diffusion = checkpoint.load()
     task = sampling.Task(
         diffusion,
-        sampling.label_aware(model, flags["class_cond"]),
+        label_aware(model, flags["class_cond"]),
         (3, flags["image_size"], flags["image_size"]),
         num_classes=flags["num_classes"] if flags["class_cond"] else None,
     )
@@ -26,4 +33,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sampling.run_script(main)
+    harness.run_script(main)

@@ -1,14 +1,20 @@
 """Train a diffusion model on a folder of images (MPI data-parallel: mpiexec -n N python scripts/image_train.py ...)."""
 
-from guided_diffusion import logger
+from guided_diffusion import harness, logger
+from guided_diffusion.checkpoints import make_sidecar
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
-from guided_diffusion.train_scripts import create_argparser, make_sidecar, run, setup, train, train_defaults
+from guided_diffusion.train_scripts import setup, train, train_defaults
+
+
+def create_argparser():
+    """The script's flags, grouped, with help."""
+    return harness.create_argparser(__doc__, train_defaults(), model_and_diffusion_defaults(), context="train")
 
 
 def main():
     """Build the model and diffusion from flags and train them on data_dir."""
-    args = create_argparser(__doc__, train_defaults(), model_and_diffusion_defaults()).parse_args()
+    args = create_argparser().parse_args()
     setup()
     data = load_data(
         data_dir=args.data_dir,
@@ -23,4 +29,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    harness.run_script(main)

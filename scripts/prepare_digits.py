@@ -7,15 +7,14 @@ makes OUT_DIR/train/ and OUT_DIR/held_out/ (RGB PNGs `<class>_<index>.png`, the 
 (arr_0: uint8 [N, S, S, 3], arr_1: labels), from a fixed seeded stratified split (1,437 / 360).
 """
 
-import argparse
 import os
 import tempfile
 
 import numpy as np
 from PIL import Image
 
+from guided_diffusion import harness
 from guided_diffusion.digits import SPLIT_SEED, digits_split
-from guided_diffusion.train_scripts import run
 
 
 def write_digits(out_dir, image_size=8, resample="nearest", seed=SPLIT_SEED):
@@ -31,18 +30,19 @@ def write_digits(out_dir, image_size=8, resample="nearest", seed=SPLIT_SEED):
     return counts
 
 
+def create_argparser():
+    """The script's flags, grouped, with help."""
+    defaults = dict(out_dir=os.path.join(tempfile.gettempdir(), "digits"), image_size=8, resample="nearest", seed=SPLIT_SEED)
+    return harness.create_argparser(__doc__, defaults, context="prepare_digits")
+
+
 def main():
     """Parse flags and write the dataset."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out_dir", default=os.path.join(tempfile.gettempdir(), "digits"))
-    parser.add_argument("--image_size", type=int, default=8, help="8 is the native size; larger sizes are upscaled")
-    parser.add_argument("--resample", default="nearest", help="upscaling filter: nearest, bilinear or bicubic")
-    parser.add_argument("--seed", type=int, default=SPLIT_SEED, help="seed of the split")
-    args = parser.parse_args()
+    args = create_argparser().parse_args()
     counts = write_digits(args.out_dir, args.image_size, args.resample, args.seed)
     for part, count in counts.items():
         print(f"{count} images in {os.path.join(args.out_dir, part)}/ and {part}.npz")
 
 
 if __name__ == "__main__":
-    run(main)
+    harness.run_script(main)

@@ -2,15 +2,21 @@
 
 import torch.nn.functional as F
 
-from guided_diffusion import logger
+from guided_diffusion import harness, logger
+from guided_diffusion.checkpoints import make_sidecar
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import args_to_dict, sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
-from guided_diffusion.train_scripts import create_argparser, make_sidecar, run, setup, train, train_defaults
+from guided_diffusion.train_scripts import setup, train, train_defaults
+
+
+def create_argparser():
+    """The script's flags, grouped, with help."""
+    return harness.create_argparser(__doc__, train_defaults(), sr_model_and_diffusion_defaults(), context="train")
 
 
 def main():
     """Build the upsampler and diffusion from flags and train them on data_dir."""
-    args = create_argparser(__doc__, train_defaults(), sr_model_and_diffusion_defaults()).parse_args()
+    args = create_argparser().parse_args()
     setup()
     data = load_superres_data(args.data_dir, args.batch_size, args.large_size, args.small_size, args.class_cond, args.random_flip)
     logger.log("creating model and diffusion...")
@@ -25,4 +31,4 @@ def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=
 
 
 if __name__ == "__main__":
-    run(main)
+    harness.run_script(main)

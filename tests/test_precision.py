@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from guided_diffusion.sampling import classifier_guidance, speed_up
+from guided_diffusion.sampling_networks import classifier_guidance, speed_up
 from guided_diffusion.script_util import create_gaussian_diffusion
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

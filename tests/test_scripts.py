@@ -21,7 +21,7 @@ from PIL import Image
 from conftest import ROOT
 from guided_diffusion import logger
 from guided_diffusion.checkpoints import DEFAULTS, OFFICIAL, build, parse_flags
-from guided_diffusion.sampling import Checkpoint
+from guided_diffusion.sampling_networks import Checkpoint
 from guided_diffusion.script_util import model_and_diffusion_defaults
 
 TINY = "--num_channels 32 --num_res_blocks 1 --attention_resolutions 8 --num_head_channels 32 --learn_sigma True --diffusion_steps 100 --noise_schedule cosine --num_classes 10"
@@ -160,7 +160,7 @@ def test_pxp_stats_json(reference):
         assert all(-1 <= s[k] <= 1 for k in s if k.startswith("cos_"))
         assert all(0 <= s[k] <= 1 for k in s if k.startswith("fired_"))
         assert s["fired_cls_div"] == 0  # auto on a class-conditional model is cls_den: no diversity projection
-    assert "--model_path: flags from" in proc.stdout and "saved 5 samples to" in proc.stdout
+    assert "(flags from " in proc.stdout and "saved 5 samples to" in proc.stdout
 
 
 def test_killed_run_resumes_to_the_same_file(models, tmp_path):
@@ -226,11 +226,11 @@ def test_official_checkpoints_are_recognised_without_flags(tmp_path):
     model = _official_meta(tmp_path / "256x256_diffusion_uncond.pt", "256x256_diffusion_uncond.pt")
     classifier = _official_meta(tmp_path / "256x256_classifier.pt", "256x256_classifier.pt")
     assert os.path.getsize(model) < 1e6
-    (tmp_path / "samples_2x256x256x3.npz").touch()  # an earlier result: the flags found give its name, 256x256
-    proc = run("classifier_sample.py", "--model_path", model, "--classifier_path", classifier, "--num_samples", 2, "--output", tmp_path)
-    assert f"already sampled: {tmp_path / 'samples_2x256x256x3.npz'}" in proc.stdout
-    assert "--model_path: flags from the official 256x256_diffusion_uncond.pt / lsun_bedroom.pt" in proc.stdout
-    assert "--classifier_path: flags from the official 256x256_classifier.pt" in proc.stdout
+    (tmp_path / "samples_2x256x256x3.npz").touch()  # an empty file where the output goes: the flags found give its name, 256x256
+    proc = run("classifier_sample.py", "--model_path", model, "--classifier_path", classifier, "--num_samples", 2, "--output", tmp_path, status=2)
+    assert f"{tmp_path / 'samples_2x256x256x3.npz'} is there but is not a finished sample batch" in proc.stderr
+    assert f"--model_path {model} (flags from the official 256x256_diffusion_uncond.pt / lsun_bedroom.pt" in proc.stdout
+    assert f"--classifier_path {classifier} (flags from the official 256x256_classifier.pt)" in proc.stdout
 
     small = _official_meta(tmp_path / "64x64_classifier.pt", "64x64_classifier.pt")
     proc = run("classifier_sample.py", "--model_path", model, "--classifier_path", small, "--output", tmp_path, status=2)
@@ -262,7 +262,7 @@ ERRORS = {
     "classifier_of_another_size": (
         "classifier_sample.py", lambda m, d: ["--model_path", m["cond"], "--classifier_path", m["clf32"]], "has image_size 32 but --model_path"),
     "model_path_is_a_classifier": ("image_sample.py", lambda m, d: ["--model_path", m["clf"]], "is a classifier (says"),
-    "num_samples_zero": ("image_sample.py", lambda m, d: ["--model_path", m["cond"], "--num_samples", 0], "--num_samples must be positive (got 0)"),
+    "num_samples_zero": ("image_sample.py", lambda m, d: ["--model_path", m["cond"], "--num_samples", 0], "--num_samples must be positive and at most 10,000,000 (got 0)"),
     "respacing": ("image_sample.py", lambda m, d: ["--model_path", m["cond"], "--timestep_respacing", 300], "--timestep_respacing '300' cannot be made from 100 steps"),
     # tests may run as root, which writes anywhere: a path under a regular file is unwritable for everyone
     "unwritable_output": ("image_sample.py", lambda m, d: ["--model_path", m["cond"], "--output", d / "truncated.pt" / "out"], "cannot write to the output folder"),

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from conftest import assert_close
-from guided_diffusion import logger, sampling
+from guided_diffusion import harness, logger
 from guided_diffusion.errors import UsageError
+from guided_diffusion.sampling_flags import sampling_defaults, start
+from guided_diffusion.sampling_networks import Checkpoint, classifier_guidance
 from guided_diffusion.script_util import classifier_defaults, model_and_diffusion_defaults
 from guided_diffusion.unet import UNetModel
 from test_scripts import CLASSIFIER, MODEL, _npz, _save, run
@@ -33,8 +35,8 @@ def inputs():
 def load(checkpoints, kind, *flags):
     """The network of a checkpoint as a sampling script loads it, given the script's flags."""
     defaults = DEFAULTS[kind]()
-    args = sampling.create_argparser(sampling.sampling_defaults(), defaults).parse_args(["--model_path", checkpoints[kind], *flags])
-    return sampling.Checkpoint(args, set(), "model_path", kind, defaults).load()[0]
+    args = harness.create_argparser("", sampling_defaults(), defaults).parse_args(["--model_path", checkpoints[kind], *flags])
+    return Checkpoint(args, set(), "model_path", kind, defaults).load()[0]
 
 
 def outputs(checkpoints, inputs, *flags):
@@ -42,7 +44,7 @@ def outputs(checkpoints, inputs, *flags):
     x, t, y = inputs
     with torch.no_grad():
         eps = load(checkpoints, "model", *flags)(x, t, y=y)
-    return eps, sampling.classifier_guidance(load(checkpoints, "classifier", *flags), 1.0)(x, t, y=y)
+    return eps, classifier_guidance(load(checkpoints, "classifier", *flags), 1.0)(x, t, y=y)
 
 
 def test_off_by_default_the_networks_are_returned_as_they_are(checkpoints):
@@ -50,9 +52,9 @@ def test_off_by_default_the_networks_are_returned_as_they_are(checkpoints):
 
 
 def test_autocast_must_name_a_dtype():
-    parser = sampling.create_argparser(sampling.sampling_defaults())
+    parser = harness.create_argparser("", sampling_defaults())
     with pytest.raises(UsageError, match="--autocast must be bf16, fp16 or empty"):
-        sampling.start(parser, ["--autocast", "fp8"])
+        start(parser, ["--autocast", "fp8"])
 
 
 @pytest.mark.parametrize("flags", [("--channels_last", "True"), ("--compile", "True")], ids=["channels_last", "compile"])
