@@ -131,21 +131,31 @@ def _make_folders(args):
     if getattr(args, "pxp_stats", ""):
         folders.setdefault(os.path.dirname(args.pxp_stats) or ".", "--pxp_stats")
     for directory, flag in folders.items():
-        new = not os.path.isdir(directory)
+        made = [d for d in _with_parents(directory) if not os.path.isdir(d)]
         try:
             os.makedirs(directory, exist_ok=True)
             tempfile.TemporaryFile(dir=directory).close()
         except OSError as e:
             raise UsageError(f"cannot write to the {flag} folder {directory}: {e.strerror or e}") from e
-        if new:
-            harness.on_failure(lambda directory=directory: _remove_if_only_logs(directory))
+        if made:
+            harness.on_failure(lambda made=made: _remove_if_only_logs(made))
 
 
-def _remove_if_only_logs(directory):
-    """Remove a folder that holds nothing but the logger's files (log*.txt, progress.*)."""
+def _with_parents(directory):
+    """directory, its parent, and so on up to the first component of the path."""
+    path = os.path.normpath(directory)
+    while path not in ("", ".", os.sep):
+        yield path
+        path = os.path.dirname(path)
+
+
+def _remove_if_only_logs(made):
+    """Remove the folders this run made (innermost first) if they hold nothing but the logger's files."""
     try:
-        names = os.listdir(directory)
-        if all(n.startswith(("log", "progress.")) and os.path.isfile(os.path.join(directory, n)) for n in names):
+        for directory in made:
+            names = os.listdir(directory)
+            if not all(n.startswith(("log", "progress.")) and os.path.isfile(os.path.join(directory, n)) for n in names):
+                return
             for name in names:
                 os.remove(os.path.join(directory, name))
             os.rmdir(directory)

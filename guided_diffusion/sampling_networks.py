@@ -32,7 +32,7 @@ class Checkpoint:
         self.flag, self.kind, self.path, self.args = f"--{flag}", kind, getattr(args, flag), args
         if not self.path:
             raise UsageError(f"{self.flag} is required: a checkpoint file (official ones: python models/download.py NAME)")
-        self.state_dict = dist_util.load_state_dict(self.path, map_location="cpu")
+        self.state_dict = dist_util.load_model_state_dict(self.path, map_location="cpu")
         carried, self.source = carried_flags(self.path, kind, self.state_dict, self.flag)
         self.flags = resolve_flags(defaults, carried, {k: getattr(args, k) for k in explicit})
 
