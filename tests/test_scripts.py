@@ -7,6 +7,8 @@ size 16, 32 channels) and carry their flags in a sidecar `<checkpoint>.json`.
 import argparse
 import json
 import os
+import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from PIL import Image
 from conftest import ROOT
 from guided_diffusion import logger
 from guided_diffusion.checkpoints import DEFAULTS, OFFICIAL, build, parse_flags
+from guided_diffusion.flag_help import GROUPS
 from guided_diffusion.sampling_networks import Checkpoint
 from guided_diffusion.script_util import model_and_diffusion_defaults
 
@@ -79,9 +82,9 @@ def _env(**extra):
     return dict(env, OMP_NUM_THREADS="1", **extra)
 
 
-def run(script, *flags, mpi=0, status=0, **env):
-    """Run a script; assert its exit status; returns the CompletedProcess."""
-    proc = subprocess.run(_command(script, flags, mpi), capture_output=True, text=True, env=_env(**env), timeout=300)
+def run(script, *flags, mpi=0, status=0, cwd=None, **env):
+    """Run a script (in cwd); assert its exit status; returns the CompletedProcess."""
+    proc = subprocess.run(_command(script, flags, mpi), capture_output=True, text=True, env=_env(**env), timeout=300, cwd=cwd)
     assert proc.returncode == status, proc.stdout + proc.stderr
     return proc
 
@@ -272,6 +275,10 @@ ERRORS = {
     "base_without_labels": (
         "super_res_sample.py", lambda m, d: ["--model_path", m["sr"], "--base_samples", _base(d / "b16.npz", 16, labels=False)],
         "has no labels (arr_1) but the upsampler is class-conditional"),
+    "labels_outside_the_classes": (
+        "classifier_sample.py", lambda m, d: ["--model_path", m["cond"], "--classifier_path", m["clf"], "--labels", "3,10"],
+        "--labels: class 10 is not one of the 10 classes (0..9)"),
+    "labels_word": ("image_sample.py", lambda m, d: ["--model_path", m["cond"], "--labels", "odd"], "--labels must be random, cycle or a comma list of class ids"),
     "classifier_free_div_mode": (
         "classifier_free_sample.py", lambda m, d: ["--model_path", m["uncond"], "--cond_model_path", m["cond"], "--pxp_mode", "cls_den_div2"],
         "classifier-free guidance has no diversity projection"),
@@ -302,3 +309,57 @@ def test_bad_input_gives_one_line_and_status_2(error_runs, case):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"{script}: error: ") and message in last, proc.stderr
 
+
+
+# The newcomer's view (issue 14): where the samples go, what the run does, what each flag means.
+
+
+def test_default_output_is_found_again_and_failures_leave_no_folder(models, tmp_path):
+    flags = ["--model_path", models["uncond"], "--num_samples", 2, "--timestep_respacing", 4, "--seed", 0]
+    first = run("image_sample.py", *flags, cwd=tmp_path)
+    path = re.search(r"^output: (samples/image_sample-[0-9a-f]{8}/samples_2x16x16x3\.npz)$", first.stdout, re.M).group(1)
+    assert f"saved 2 samples to {path}" in first.stdout and (tmp_path / path).exists()
+    again = run("image_sample.py", *flags, cwd=tmp_path)
+    assert f"already sampled: {path}" in again.stdout
+    other = run("image_sample.py", *flags[:-1], 1, cwd=tmp_path)  # another seed: another folder
+    assert f"output: {path}" not in other.stdout and len(list((tmp_path / "samples").iterdir())) == 2
+
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    run("image_sample.py", "--model_path", models["dir"] / "missing.pt", cwd=failed, status=2)
+    run("image_sample.py", *flags, "--timestep_respacing", 300, cwd=failed, status=2)  # fails after reading the checkpoint
+    assert not list(failed.iterdir())  # no empty output folder left behind
+
+
+def test_banner_shows_the_effective_settings(tmp_path):
+    # the embedded default's values give way to the typed ones, and the banner says so
+    proc = run("classifier_sample.py", "--classifier_scale", 0, "--timestep_respacing", 10, "--num_samples", 4, "--labels", "1,7",
+               "--output", tmp_path)
+    settings = proc.stdout[proc.stdout.index("settings:") :]
+    for shown in ("--timestep_respacing 10", "--classifier_scale 0.0", "--num_samples 4", "--pxp_mode cls_den (auto)", "--labels 1,7"):
+        assert shown in settings
+    assert "--timestep_respacing 100" not in settings and "--classifier_scale 2.0" not in settings
+    assert f"output: {tmp_path / 'samples_4x8x8x3.npz'}" in settings
+    assert _npz(tmp_path / "samples_4x8x8x3.npz")["arr_1"].tolist() == [1, 7, 1, 7]  # a list of classes cycles
+
+
+SCRIPTS = sorted(p.name for p in (ROOT / "scripts").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_has_help_with_its_default_in_a_group(script):
+    parser = runpy.run_path(str(ROOT / "scripts" / script), run_name="help_check")["create_argparser"]()
+    for group in parser._action_groups[2:]:  # after argparse's own positional and options groups
+        assert group.title in GROUPS, group.title  # a flag missing from flag_help.HELP lands in "other"
+        for action in group._group_actions:
+            assert re.fullmatch(r"\S.* \(default: .+\)", action.help), (action.dest, action.help)
+    assert all(a.dest == "help" for a in parser._action_groups[1]._group_actions)
+
+
+def test_help_shows_the_description_as_written():
+    proc = run("classifier_sample.py", "--help")
+    assert "--model_path models/64x64_diffusion.pt \\\n        --classifier_path models/64x64_classifier.pt" in proc.stdout
+    assert re.search(r"--pxp_mode STR\s+how a guided step combines its directions: .*? \(default: auto\)", proc.stdout, re.S)
+    assert "\nPixelAsParam:\n" in proc.stdout and "\nspeed:\n" in proc.stdout
+    nll = run("image_nll.py", "--help")
+    assert "summed over all\ntimesteps (MPI data-parallel)." in nll.stdout
