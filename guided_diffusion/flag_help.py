@@ -69,7 +69,7 @@ HELP = {
     "cweight": ("PixelAsParam", "weight of the corrections to the guidance direction"),
     "pxp_optimizer": ("PixelAsParam", "smooth the guidance direction across steps: sgd (no smoothing, the paper's), momentum or adam"),
     "pxp_window": ("PixelAsParam", "lo,hi: project only at steps with lo <= t/T < hi (plain ADM-G steps elsewhere)"),
-    "pxp_bound": ("PixelAsParam", "clamp the projection's correction coefficients at KAPPA (0: no bound, the paper's rule)"),
+    "pxp_bound": ("PixelAsParam", "largest coefficient of a projection's correction to den or div (inf: unbounded, the paper's rule)"),
     "pxp_stats": ("output", "write each guided step's PixelAsParam statistics to this JSON file, and a plot beside it"),
     # speed
     "autocast": ("speed", "run the networks under torch.autocast in bf16 or fp16 (empty: float32)"),
