@@ -133,13 +133,18 @@ def train_evaluator(out_path=DEFAULT_PATH, epochs=60, batch_size=64, lr=2e-3, se
     return accuracy
 
 
-def main():
+def build_parser():
+    """The command-line flags, each with its default in its help."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(DEFAULT_PATH), help="where to save the weights; the sidecar goes beside them as <out>.json (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=60, help="passes over the clean train split (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batch order and shifts (default: %(default)s)")
+    return parser
+
+
+def main(argv=None):
     """Train the evaluator from the command line and print its held-out accuracy."""
-    parser = argparse.ArgumentParser(description="Train the digits evaluator network on the clean train split.")
-    parser.add_argument("--out", default=str(DEFAULT_PATH))
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = build_parser().parse_args(argv)
     start = time.time()
     accuracy = train_evaluator(args.out, epochs=args.epochs, seed=args.seed)
     print(f"held-out accuracy {accuracy:.4f}; saved {args.out} ({time.time() - start:.0f} s)")

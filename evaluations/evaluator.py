@@ -4,6 +4,7 @@
 
 Both files hold `arr_0`, uint8 images [N, H, W, 3]; a batch's own precomputed `mu`/`sigma`
 (pool_3) and `mu_s`/`sigma_s` (spatial) statistics are used instead of recomputing them.
+Bad input is reported in one line with exit status 1; Ctrl-C exits with status 130.
 The metric functions are re-exported here so that `from evaluations.evaluator import
 frechet_distance` works without building the Inception network.
 """
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from evaluations.inception import Features, InceptionFeatures
 from evaluations.metrics import compute_statistics, frechet_distance, inception_score, manifold_radii, precision_recall
-from evaluations.npz_io import InputError, open_images, read_statistics
+from evaluations.npz_io import InputError, atomic_output, check_output, open_images, read_statistics
 
 __all__ = [  # the metric functions are re-exported for callers of this module
     "compute_statistics",
@@ -95,37 +96,46 @@ def positive_int(text):
     return value
 
 
-def parse_args(argv):
-    """Command-line flags."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+INCEPTION_PATH_HELP = (
+    "InceptionV3 weights file, read as plain tensors (default: torch hub's cache, "
+    "$TORCH_HOME/hub/checkpoints/, where it is downloaded once)"
+)
+DEVICE_HELP = "torch device (default: cuda when available, else cpu)"
+
+
+def build_parser():
+    """The command-line flags, each with its default in its help."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ref_batch", help="reference batch .npz (arr_0, optional mu/sigma/mu_s/sigma_s)")
     parser.add_argument("sample_batch", help="sample batch .npz (arr_0)")
-    parser.add_argument("--batch_size", type=positive_int, default=64, help="images per Inception forward pass")
-    parser.add_argument("--inception_path", help="InceptionV3 weights file (default: torch hub cache, downloaded once)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    return parser.parse_args(argv)
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="images per Inception forward pass (default: %(default)s)")
+    parser.add_argument("--inception_path", help=INCEPTION_PATH_HELP)
+    parser.add_argument("--device", help=DEVICE_HELP)
+    parser.add_argument("--json", help="also write the results to this JSON file (default: none, print only)")
+    return parser
 
 
 def main(argv=None):
     """Runs the evaluation and prints the results; returns the process exit status."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
+        if args.json:
+            check_output(args.json, [args.ref_batch, args.sample_batch])
         check_batch(args.ref_batch)
         check_batch(args.sample_batch)
         extractor = InceptionFeatures(args.inception_path, args.device)
         results = evaluate(args.ref_batch, args.sample_batch, extractor, args.batch_size, extractor.device)
+        for key, label in RESULT_NAMES.items():
+            print(f"{label}: {results[key]}")
+        if args.json:
+            with atomic_output(args.json) as tmp_path:
+                Path(tmp_path).write_text(json.dumps(results, indent=2) + "\n")
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    for key, label in RESULT_NAMES.items():
-        print(f"{label}: {results[key]}")
-    if args.json:
-        try:
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        except OSError as err:
-            print(f"error: cannot write {args.json}: {err}", file=sys.stderr)
-            return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no results were written", file=sys.stderr)
+        return 130
     return 0
 
 

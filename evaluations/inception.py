@@ -5,12 +5,14 @@ converted weights as pytorch-fid), which resizes uint8 images to 299x299 inside 
 with TensorFlow 1's bilinear rule. It gives `pool_3` (2048) and the class logits; the
 spatial sFID features (`mixed_6/conv`, TensorFlow's name for `Mixed_6d.branch1x1` after its
 batch norm and ReLU) are taken with a forward hook. torch-fidelity is imported only here,
-and only when a network is built.
+and only when a network is built. Its loader unpickles weights files with code execution
+allowed, so it is never given one: the weights are read here with `weights_only=True`.
 """
 
 import io
 import os
 import pickle
+import zipfile
 from collections import namedtuple
 
 import numpy as np
@@ -23,7 +25,7 @@ from evaluations.npz_io import InputError
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
 SPATIAL_CHANNELS = 7  # ADM keeps the first 7 of mixed_6/conv's 192 channels: 7 * 17 * 17 = 2023 values
-_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError)
+_LOAD_ERRORS = (RuntimeError, EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile)
 
 Features = namedtuple("Features", ["pool", "spatial", "probs"])
 Features.__doc__ = "Per-image pool_3 [N, 2048], spatial [N, 2023] (HWC order) and class probabilities [N, 1008]."
@@ -53,11 +55,58 @@ def resolve_weights(path=None):
     return cached
 
 
-def _inception_class():
-    """torch-fidelity's InceptionV3 port (imported on demand: metric code never needs it)."""
+def load_weights(path):
+    """The tensors of a weights file, read with `weights_only=True`: a file holding code is refused unrun."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: never pass that on
+        raise InputError(
+            f"{path}: not a usable InceptionV3 weights file (not a plain file of tensors: refused, "
+            "since unpickling it could run code)"
+        ) from None
+    except _LOAD_ERRORS as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"{path}: not a usable InceptionV3 weights file ({first_line})") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise InputError(f"{path}: not a usable InceptionV3 weights file (not a state dict of tensors)")
+    if not all(torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point()):
+        raise InputError(f"{path}: not a usable InceptionV3 weights file (it holds NaN or infinite values)")
+    return state_dict
+
+
+def _network(features=("2048", "logits_unbiased")):
+    """torch-fidelity's InceptionV3 port (imported on demand) with its initial weights.
+
+    Its constructor always torch.loads a weights file with code execution allowed; it is handed an
+    in-memory empty state dict made here instead, which the subclass's load_state_dict skips.
+    """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    return FeatureExtractorInceptionV3
+    class InceptionV3(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            """Loads weights strictly, except the constructor's empty placeholder."""
+            if state_dict:
+                return super().load_state_dict(state_dict, strict, assign)
+
+    placeholder = io.BytesIO()
+    torch.save({}, placeholder)
+    placeholder.seek(0)
+    return InceptionV3("inception-v3-compat", list(features), feature_extractor_weights_path=placeholder)
+
+
+def _mismatch(state_dict, net):
+    """One phrase naming how the keys and shapes of state_dict differ from net's, or None."""
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    differing = sorted(set(expected.items()) ^ set(found.items()))
+    if not differing:
+        return None
+    key, _ = differing[0]
+    shape = lambda shapes: list(shapes[key]) if key in shapes else "absent"  # noqa: E731
+    return (
+        f"{len(found)} tensors where InceptionV3 has {len(expected)}, {len(differing)} (key, shape) pairs differ, "
+        f"first {key}: {shape(found)} in the file, {shape(expected)} in the network"
+    )
 
 
 def spatial_layer(net):
@@ -70,13 +119,14 @@ class InceptionFeatures:
 
     def __init__(self, weights_path=None, device=None):
         path = resolve_weights(weights_path)
+        state_dict = load_weights(path)
         self.device = torch.device(device) if device else default_device()
         torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions, as in the reference graph
-        try:
-            self.net = _inception_class()("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=path)
-        except _LOAD_ERRORS as err:
-            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise InputError(f"{path}: not a usable InceptionV3 weights file ({first_line})") from None
+        self.net = _network()
+        mismatch = _mismatch(state_dict, self.net)
+        if mismatch:
+            raise InputError(f"{path}: not a usable InceptionV3 weights file ({mismatch})")
+        self.net.load_state_dict(state_dict)
         self.net.to(self.device)
         self._spatial = None
         spatial_layer(self.net).register_forward_hook(self._keep_spatial)
@@ -101,15 +151,7 @@ def seeded_state_dict(seed=0):
     Convolutions get He-normal weights and batch norms random affine terms and statistics,
     so that features differ between images (PyTorch's default init lets them fade with depth).
     """
-
-    class Unloaded(_inception_class()):
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            """Keeps the fresh random parameters instead of loading a file."""
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    net = Unloaded("seeded", ["2048"], feature_extractor_weights_path=empty)
+    net = _network(["2048"])
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         _randomise(net, gen)

@@ -5,7 +5,8 @@
 The output holds `arr_0` (a random subset of `--num_images` images, uint8 [N, S, S, 3]) and
 `mu`/`sigma`/`mu_s`/`sigma_s`, the Inception statistics of ALL input images, which the
 evaluator uses as they are. Images are centre-cropped and resized to `--image_size` the way
-guided-diffusion's data loader does. The file appears only once it is complete.
+guided-diffusion's data loader does. The file appears only once it is complete: an error, a
+full disk or Ctrl-C (exit status 130) leaves any earlier file at that path as it was.
 """
 
 import argparse
@@ -22,10 +23,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from evaluations.evaluator import positive_int
+from evaluations.evaluator import DEVICE_HELP, INCEPTION_PATH_HELP, positive_int
 from evaluations.inception import InceptionFeatures
 from evaluations.metrics import RunningStatistics
-from evaluations.npz_io import IMAGES, STATISTICS, InputError, atomic_npz, open_images
+from evaluations.npz_io import IMAGES, STATISTICS, InputError, atomic_npz, check_output, open_images
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MIN_IMAGES = 2  # a covariance needs two images
@@ -99,12 +100,12 @@ def choose_subset(total, count, seed):
 
 def write_reference(out_path, batches, total, args):
     """Streams batches through Inception into `out_path`: the chosen images plus statistics of all."""
-    extractor = InceptionFeatures(args.inception_path, args.device)
     keep = choose_subset(total, args.num_images, args.seed)
     stats = {"pool": RunningStatistics(), "spatial": RunningStatistics()}
     shape = (int(keep.sum()), args.image_size, args.image_size, 3)
     seen = 0
     with atomic_npz(out_path) as writer:
+        extractor = InceptionFeatures(args.inception_path, args.device)
         with writer.stream_images(IMAGES, shape) as append, tqdm(total=total, unit="img", desc="activations") as bar:
             for images in batches:
                 features = extractor(images)
@@ -120,31 +121,33 @@ def write_reference(out_path, batches, total, args):
     return shape[0]
 
 
-def parse_args(argv):
-    """Command-line flags."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser():
+    """The command-line flags, each with its default in its help."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a folder of images (searched recursively) or an .npz with arr_0")
-    parser.add_argument("output", help="the reference batch .npz to write")
-    parser.add_argument("--num_images", type=positive_int, default=10000, help="images stored in arr_0")
-    parser.add_argument("--image_size", type=positive_int, default=256, help="side of the stored square images")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random subset stored in arr_0")
-    parser.add_argument("--batch_size", type=positive_int, default=64, help="images per Inception forward pass")
-    parser.add_argument("--inception_path", help="InceptionV3 weights file (default: torch hub cache, downloaded once)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    return parser.parse_args(argv)
+    parser.add_argument("output", help="the reference batch .npz to write (not the source itself)")
+    parser.add_argument("--num_images", type=positive_int, default=10000, help="images stored in arr_0 (default: %(default)s)")
+    parser.add_argument("--image_size", type=positive_int, default=256, help="side of the stored square images (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random subset stored in arr_0 (default: %(default)s)")
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="images per Inception forward pass (default: %(default)s)")
+    parser.add_argument("--inception_path", help=INCEPTION_PATH_HELP)
+    parser.add_argument("--device", help=DEVICE_HELP)
+    return parser
 
 
 def main(argv=None):
     """Builds the reference batch; returns the process exit status."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-            raise InputError(f"{args.output}: its folder does not exist")
+        check_output(args.output, [args.source])
         with open_source(args.source, args.image_size, args.batch_size) as (batches, total):
             kept = write_reference(args.output, batches, total, args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {args.output} was not written (any earlier file there is unchanged)", file=sys.stderr)
+        return 130
     print(f"wrote {args.output}: {kept} images of {args.image_size}x{args.image_size}, statistics over {total} images")
     return 0
 

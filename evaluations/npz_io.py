@@ -1,17 +1,22 @@
-"""Streaming access to image batches in `.npz` files, and atomic writing of reference batches.
+"""Streaming access to image batches in `.npz` files, and atomic writing of outputs.
 
 `np.load` of an `.npz` member reads the whole array; a 50,000 x 256 x 256 x 3 batch is 10 GB.
 Here the `arr_0.npy` member is read from the zip archive a few images at a time instead
-(stored or deflated members alike, since zipfile decompresses while reading).
+(stored or deflated members alike, since zipfile decompresses while reading). Every member's
+header is checked before its data is read: no object arrays (their pickles could run code)
+and no more data declared than the member holds (a forged count would exhaust memory).
 """
 
+import math
 import os
-import tempfile
+import uuid
 import zipfile
 import zlib
 from contextlib import contextmanager
 
 import numpy as np
+
+from guided_diffusion.errors import UsageError
 
 IMAGES = "arr_0"
 # Precomputed statistics a reference batch may carry: (mean, covariance) names and dimension.
@@ -19,7 +24,7 @@ STATISTICS = {"pool": ("mu", "sigma", 2048), "spatial": ("mu_s", "sigma_s", 2023
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
 
 
-class InputError(Exception):
+class InputError(UsageError):
     """Bad input, reported to the user as one line without a traceback."""
 
 
@@ -38,25 +43,26 @@ class ImageArrayReader:
 
     def batches(self, batch_size):
         """Yields [<=batch_size, H, W, 3] uint8 arrays until every image has been read once."""
-        image_bytes = int(np.prod(self.shape[1:]))
+        image_bytes = math.prod(self.shape[1:])
         for start in range(0, self.num_images, batch_size):
             count = min(batch_size, self.num_images - start)
-            data = self._read_exactly(count * image_bytes)
+            data = _read_exactly(self.path, IMAGES, self.stream, count * image_bytes)
             yield np.frombuffer(data, dtype=np.uint8).reshape(count, *self.shape[1:])
 
-    def _read_exactly(self, size):
-        """Reads `size` bytes, failing with an InputError on a short or corrupt file."""
-        chunks, remaining = [], size
-        try:
-            while remaining:
-                chunk = self.stream.read(remaining)
-                if not chunk:
-                    raise InputError(f"{self.path}: truncated file: {IMAGES} ends before its last image")
-                chunks.append(chunk)
-                remaining -= len(chunk)
-        except _READ_ERRORS as err:
-            raise InputError(f"{self.path}: corrupt file ({err})") from None
-        return b"".join(chunks)
+
+def _read_exactly(path, name, stream, size):
+    """Reads `size` bytes of array `name`, failing with an InputError on a short or corrupt file."""
+    chunks, remaining = [], size
+    try:
+        while remaining:
+            chunk = stream.read(remaining)
+            if not chunk:
+                raise InputError(f"{path}: truncated file: {name} ends before its last element")
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    except _READ_ERRORS as err:
+        raise InputError(f"{path}: corrupt file ({err})") from None
+    return b"".join(chunks)
 
 
 class _MemoryStream:
@@ -83,8 +89,8 @@ def _open_zip(path):
         raise InputError(f"{path}: not a readable .npz file, truncated or corrupt ({err})") from None
 
 
-def _read_npy_header(path, stream):
-    """(shape, fortran_order, dtype) from the header of an `.npy` stream."""
+def _read_npy_header(path, name, stream):
+    """(shape, fortran_order, dtype) from the header of the `.npy` stream of array `name`."""
     try:
         version = np.lib.format.read_magic(stream)
         if version == (1, 0):
@@ -92,8 +98,37 @@ def _read_npy_header(path, stream):
         if version == (2, 0):
             return np.lib.format.read_array_header_2_0(stream)
     except _READ_ERRORS as err:
-        raise InputError(f"{path}: corrupt {IMAGES} header ({err})") from None
-    raise InputError(f"{path}: unsupported .npy format version {version} for {IMAGES}")
+        raise InputError(f"{path}: corrupt {name} header ({err})") from None
+    raise InputError(f"{path}: unsupported .npy format version {version} for {name}")
+
+
+@contextmanager
+def _open_array(path, archive, name):
+    """Opens array `name` of an open `.npz`; yields (stream after the header, shape, fortran_order, dtype).
+
+    Object arrays are refused (reading them would unpickle), and so is a header declaring more
+    data than the member holds, before anything is allocated for it.
+    """
+    try:
+        info = archive.getinfo(f"{name}.npy")
+        stream = archive.open(info)
+    except KeyError:
+        raise InputError(f"{path}: no {name} array in the .npz file") from None
+    except _READ_ERRORS as err:
+        raise InputError(f"{path}: corrupt file ({err})") from None
+    with stream:
+        shape, fortran_order, dtype = _read_npy_header(path, name, stream)
+        if dtype.hasobject:
+            raise InputError(f"{path}: {name} is an array of Python objects; only numeric arrays are read (unpickling could run code)")
+        if any(side < 0 for side in shape):
+            raise InputError(f"{path}: corrupt {name} header (negative size in shape {shape})")
+        declared, held = math.prod(shape) * dtype.itemsize, info.file_size - stream.tell()
+        if declared > held:
+            raise InputError(
+                f"{path}: {name}'s header declares shape {shape} ({declared:,} bytes) but the file holds "
+                f"{max(held, 0):,} bytes of it: truncated or corrupt"
+            )
+        yield stream, shape, fortran_order, dtype
 
 
 def _check_images(path, shape, dtype, min_images):
@@ -109,28 +144,34 @@ def _check_images(path, shape, dtype, min_images):
 @contextmanager
 def open_images(path, min_images=2):
     """Opens `arr_0` of an `.npz` for streaming; yields an ImageArrayReader after validating it."""
-    with _open_zip(path) as archive:
-        if f"{IMAGES}.npy" not in archive.namelist():
-            raise InputError(f"{path}: no {IMAGES} array in the .npz file")
-        try:
-            stream = archive.open(f"{IMAGES}.npy")
-        except _READ_ERRORS as err:
-            raise InputError(f"{path}: corrupt file ({err})") from None
-        with stream:
-            shape, fortran_order, dtype = _read_npy_header(path, stream)
-            _check_images(path, shape, dtype, min_images)
-            if fortran_order:
-                stream = _MemoryStream(_read_member(path, archive, IMAGES))
-            yield ImageArrayReader(path, stream, shape)
+    with _open_zip(path) as archive, _open_array(path, archive, IMAGES) as (stream, shape, fortran_order, dtype):
+        _check_images(path, shape, dtype, min_images)
+        if fortran_order:
+            stream = _MemoryStream(_read_whole(path, IMAGES, stream, shape, fortran_order, dtype))
+        yield ImageArrayReader(path, stream, shape)
 
 
-def _read_member(path, archive, name):
-    """The whole array `name` of an open `.npz` archive."""
-    try:
-        with archive.open(f"{name}.npy") as member:
-            return np.lib.format.read_array(member, allow_pickle=False)
-    except _READ_ERRORS as err:
-        raise InputError(f"{path}: corrupt {name} array ({err})") from None
+def _read_whole(path, name, stream, shape, fortran_order, dtype):
+    """The whole array `name` from its stream positioned after the header."""
+    data = _read_exactly(path, name, stream, math.prod(shape) * dtype.itemsize)
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
+
+
+def _array_shape(path, archive, name):
+    """The shape that array `name` of an open `.npz` declares (after the header checks)."""
+    with _open_array(path, archive, name) as (_, shape, _, _):
+        return shape
+
+
+def _read_statistic(path, archive, name):
+    """The array `name` of an open `.npz` as float64, refusing anything but finite real numbers."""
+    with _open_array(path, archive, name) as (stream, shape, fortran_order, dtype):
+        if dtype.kind not in "fiu":
+            raise InputError(f"{path}: {name} must hold real numbers, got dtype {dtype}")
+        array = _read_whole(path, name, stream, shape, fortran_order, dtype).astype(np.float64)
+    if not np.isfinite(array).all():
+        raise InputError(f"{path}: {name} holds NaN or infinite values: unusable statistics (rebuild them with evaluations/make_ref_batch.py)")
+    return array
 
 
 def read_statistics(path):
@@ -144,13 +185,12 @@ def read_statistics(path):
                 continue
             if len(present) == 1:
                 raise InputError(f"{path}: has {present[0]} but not its partner ({mu_name}, {sigma_name} go together)")
-            mu, sigma = (_read_member(path, archive, name) for name in (mu_name, sigma_name))
-            if mu.shape != (dim,) or sigma.shape != (dim, dim):
+            mu_shape, sigma_shape = (_array_shape(path, archive, name) for name in (mu_name, sigma_name))
+            if (mu_shape, sigma_shape) != ((dim,), (dim, dim)):
                 raise InputError(
-                    f"{path}: {mu_name}/{sigma_name} must be shaped ({dim},)/({dim}, {dim}), "
-                    f"got {mu.shape}/{sigma.shape}"
+                    f"{path}: {mu_name}/{sigma_name} must be shaped ({dim},)/({dim}, {dim}), got {mu_shape}/{sigma_shape}"
                 )
-            found[kind] = (mu.astype(np.float64), sigma.astype(np.float64))
+            found[kind] = tuple(_read_statistic(path, archive, name) for name in (mu_name, sigma_name))
     return found
 
 
@@ -183,16 +223,36 @@ class NpzWriter:
             raise RuntimeError(f"{name}: wrote {written} images, expected {shape[0]}")
 
 
+def check_output(path, inputs=()):
+    """Refuses, before any work, an output path that is a folder, lies in no folder, or is one of the inputs."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a folder; name the file to write")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise InputError(f"{path}: its folder does not exist")
+    for source in inputs:
+        if os.path.exists(path) and os.path.exists(source) and os.path.samefile(source, path):
+            raise InputError(f"{path}: is the input {source} itself; write to another file")
+
+
 @contextmanager
-def atomic_npz(path):
-    """Yields an NpzWriter on a temporary file that replaces `path` only once fully written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    os.close(handle)
+def atomic_output(path):
+    """Yields a temporary path beside `path`, unique to this process, that replaces `path` once the block
+    completes; on any failure (a full disk, Ctrl-C) `path` is left as it was and the temporary removed."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp_path = os.path.join(directory, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with zipfile.ZipFile(tmp_path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            yield NpzWriter(archive)
+        yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        raise InputError(f"{path}: cannot write ({err.strerror or err}); it is left as it was") from None
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+
+
+@contextmanager
+def atomic_npz(path):
+    """Yields an NpzWriter on a temporary file that replaces `path` only once fully written."""
+    with atomic_output(path) as tmp_path:
+        with zipfile.ZipFile(tmp_path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            yield NpzWriter(archive)
