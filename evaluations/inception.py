@@ -95,8 +95,16 @@ def _network(features=("2048", "logits_unbiased")):
 
 
 def _mismatch(state_dict, net):
-    """One phrase naming how the keys and shapes of state_dict differ from net's, or None."""
-    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    """One phrase naming how the keys and shapes of state_dict differ from net's, or None.
+
+    Batch norms' `num_batches_tracked` counters may be absent: the converted TensorFlow weights
+    have none, and load_state_dict fills them in.
+    """
+    expected = {
+        k: tuple(v.shape)
+        for k, v in net.state_dict().items()
+        if k in state_dict or not k.endswith(".num_batches_tracked")
+    }
     found = {k: tuple(v.shape) for k, v in state_dict.items()}
     differing = sorted(set(expected.items()) ^ set(found.items()))
     if not differing:

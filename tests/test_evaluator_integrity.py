@@ -122,6 +122,19 @@ def test_make_ref_batch_refuses_an_object_array_unread(tmp_path, offline, capsys
     assert not marker.exists() and not (tmp_path / "out.npz").exists()
 
 
+def test_weights_without_batch_norm_counters_load_like_the_converted_file(tmp_path, weights, batches):
+    # The released file (converted from TensorFlow) has no num_batches_tracked entries.
+    full = torch.load(weights, weights_only=True)
+    converted = {k: v for k, v in full.items() if not k.endswith("num_batches_tracked")}
+    assert len(converted) < len(full)
+    torch.save(converted, tmp_path / "converted.pth")
+    ref = np.load(batches["ref"])["arr_0"]
+    want = inception.InceptionFeatures(weights, "cpu")(ref)
+    got = inception.InceptionFeatures(tmp_path / "converted.pth", "cpu")(ref)
+    for name in want._fields:
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+
+
 # ---------------------------------------------------------------- no silently wrong numbers
 
 
