@@ -66,7 +66,10 @@ class Progress:
         for name in os.listdir(self.path):
             if name.startswith(".") or name.endswith(".tmp"):  # temporary files of a run killed while writing
                 os.remove(os.path.join(self.path, name))
+        batches = sorted(n for n in os.listdir(self.path) if _BATCH_NAME.fullmatch(n))
         if not os.path.exists(run_file):
+            if batches:  # batches of unknown settings are never taken as this run's
+                raise UsageError(f"{self.path} holds saved batches but no run.json saying which settings made them: delete the folder to sample from the start")
             write_json(run_file, self.fingerprint)
         previous = _read_json(run_file, f"delete the folder {self.path} to sample from the start")
         changed = differences(previous, self.fingerprint)
@@ -76,7 +79,7 @@ class Progress:
                 "run the same command to finish it, or delete that folder"
             )
         self.saved = np.zeros(num_samples, dtype=bool)
-        for name in sorted(n for n in os.listdir(self.path) if _BATCH_NAME.fullmatch(n)):
+        for name in batches:
             index, stats = self._check_batch(name)
             self._add(name, index, stats)
         return self.saved

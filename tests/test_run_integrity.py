@@ -285,21 +285,25 @@ def _bad_batches(size):
     }
 
 
-def _bad_setup(tmp_path, models, case):
-    """Flags for a run whose progress folder holds a bad file (a run.json or a batch)."""
-    partial = tmp_path / case / f"{NAME}.partial"
-    partial.mkdir(parents=True)
+def _bad_setup(d, case, interrupted):
+    """The output folder of a run whose progress folder (an interrupted run's) holds a bad run.json or batch file."""
+    partial = d / case / f"{NAME}.partial"
+    shutil.copytree(interrupted, partial)
     if case == "corrupt_run_json":
         (partial / "run.json").write_text('{"--seed": 7, ')
-        return _flags(models, tmp_path / case), partial / "run.json"
+        return partial / "run.json"
+    if case == "batches_without_run_json":
+        os.remove(partial / "run.json")
+        return partial
+    path = partial / "from_000000099.npz"
     content = _bad_batches(16)[case]
-    path = partial / "from_000000000.npz"
     path.write_bytes(content) if isinstance(content, bytes) else np.savez(path, **content)
-    return _flags(models, tmp_path / case), path
+    return path
 
 
 BAD_FILES = {
     "corrupt_run_json": "cannot read {path} (",
+    "batches_without_run_json": "holds saved batches but no run.json saying which settings made them: delete the folder",
     "truncated": "saved batch {path} is unusable: ",
     "empty": "saved batch {path} is unusable: ",
     "wrongly_shaped": "saved batch {path} is unusable: its images are 17x16x3, this run makes 16x16x3; delete it to sample that batch again",
@@ -324,14 +328,15 @@ BAD_FLAGS = {
 def bad_runs(models, tmp_path_factory):
     """classifier_sample.py with each bad progress file and each bad flag, two at a time."""
     d = tmp_path_factory.mktemp("bad")
+    interrupted = d / "interrupted" / f"{NAME}.partial"
+    _interrupt(_command("classifier_sample.py", _flags(models, d / "interrupted")), interrupted)
 
     def one(case):
+        (d / case).mkdir(exist_ok=True)
         if case in BAD_FILES:
-            flags, path = _bad_setup(d, models, case)
-            message = BAD_FILES[case].format(path=path)
+            flags, message = _flags(models, d / case), BAD_FILES[case].format(path=_bad_setup(d, case, interrupted))
         else:
             make_flags, message = BAD_FLAGS[case]
-            (d / case).mkdir()
             flags, message = make_flags(models, d / case), message.format(d=d / case)
         proc = subprocess.run(_command("classifier_sample.py", flags), capture_output=True, text=True, env=_env(), timeout=300)
         return proc, message
