@@ -60,7 +60,7 @@ class Output:
 
     def _claim(self):
         """Rank 0's part of claim(): True if finished (its progress folder gone), else False with the folder locked."""
-        progress = Progress(self.partial, self.fingerprint)
+        progress, stale = Progress(self.partial, self.fingerprint), os.path.isdir(self.partial)
         progress.lock()
         try:
             finished = self._finished()
@@ -69,6 +69,8 @@ class Output:
             raise
         if finished:
             progress.remove()
+            if stale:
+                logger.log(f"removed {self.partial}, left by a run stopped after it wrote {self.path}")
             return True
         self.progress = progress
         harness.on_failure(progress.remove_if_unused)
@@ -117,7 +119,8 @@ class Output:
                 if progress.labelled:
                     npz.write("arr_1", np.concatenate(list(progress.chunks("arr_1"))))
         except (InputError, OSError) as e:
-            raise UsageError(f"cannot write {self.path} ({e}): the saved samples in {progress.path} are kept; make room and run the same command again") from e
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise UsageError(f"cannot write {self.path} ({reason}): the saved samples in {progress.path} are kept; make room and run the same command again") from e
         progress.remove()
         logger.log(f"saved {self.num_samples} samples to {self.path}")
 

@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -96,7 +97,7 @@ class Progress:
             problem = _batch_problem(index, shape, labels, self.num_samples, self.image_shape, self.labelled)
         except InputError as e:
             problem = str(e).replace(f"{path}: ", "")
-        except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError) as e:  # zipfile, npy and JSON errors
+        except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError, zipfile.BadZipFile) as e:  # zip, npy, JSON
             problem = f"unreadable ({type(e).__name__}: {e})"
         if problem:
             raise UsageError(f"saved batch {path} is unusable: {problem}; delete it to sample that batch again")
@@ -120,7 +121,11 @@ class Progress:
                 npz.write("index", result["index"])
                 npz.write("stats", np.array(_stats_to_json(result["stats"])))
         except (InputError, OSError) as e:
-            raise UsageError(f"{e}: the {self.saved.sum()} samples saved in {self.path} are kept; make room and run the same command again") from e
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise UsageError(
+                f"cannot save a batch in {self.path} ({reason}): the {self.saved.sum()} samples saved there are kept; "
+                "make room and run the same command again"
+            ) from e
         self._add(name, result["index"], result["stats"])
 
     def owners(self):
@@ -152,7 +157,7 @@ class Progress:
         try:
             with np.load(path) as data:
                 return data[member]
-        except (OSError, ValueError, KeyError, EOFError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise UsageError(f"saved batch {path} is unreadable ({e}): delete it to sample that batch again") from e
 
     def unlock(self):

@@ -260,12 +260,12 @@ def test_disk_full_says_so_and_keeps_what_was_saved(one_rank, tmp_path, monkeypa
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(zipfile._ZipWriteFile, "write", full)
-    with pytest.raises(UsageError, match=r"No space left on device.*: the 2 samples saved in .* are kept"):
+    with pytest.raises(UsageError, match=r"cannot save a batch in .* \(.*No space left on device.*\): the 2 samples saved there are kept"):
         out.progress.save(_batch(2, 2, 8))
     monkeypatch.undo()
     out.progress.save(_batch(2, 2, 8))
     monkeypatch.setattr(zipfile._ZipWriteFile, "write", full)
-    with pytest.raises(UsageError, match=r"No space left on device.*the saved samples in .* are kept"):
+    with pytest.raises(UsageError, match=r"cannot write .*out\.npz \(.*No space left on device.*\): the saved samples in .* are kept"):
         out.write(grid_size=0)
     assert sorted(os.listdir(out.partial)) == ["from_000000000.npz", "from_000000002.npz", "lock", "run.json"]
     assert not os.path.exists(out.path) and not [n for n in os.listdir(tmp_path) if "tmp" in n]
