@@ -6,13 +6,12 @@ with TensorFlow 1's bilinear rule. It gives `pool_3` (2048) and the class logits
 spatial sFID features (`mixed_6/conv`, TensorFlow's name for `Mixed_6d.branch1x1` after its
 batch norm and ReLU) are taken with a forward hook. torch-fidelity is imported only here,
 and only when a network is built. Its loader unpickles weights files with code execution
-allowed, so it is never given one: the weights are read here with `weights_only=True`.
+allowed, so it is never given one: the weights are read by the project's checkpoint reader,
+with `weights_only=True`.
 """
 
 import io
 import os
-import pickle
-import zipfile
 from collections import namedtuple
 
 import numpy as np
@@ -21,11 +20,12 @@ from torch.hub import download_url_to_file
 
 from evaluations.metrics import default_device
 from evaluations.npz_io import InputError
+from guided_diffusion.dist_util import load_model_state_dict
+from guided_diffusion.errors import UsageError
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
 SPATIAL_CHANNELS = 7  # ADM keeps the first 7 of mixed_6/conv's 192 channels: 7 * 17 * 17 = 2023 values
-_LOAD_ERRORS = (RuntimeError, EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile)
 
 Features = namedtuple("Features", ["pool", "spatial", "probs"])
 Features.__doc__ = "Per-image pool_3 [N, 2048], spatial [N, 2023] (HWC order) and class probabilities [N, 1008]."
@@ -56,19 +56,11 @@ def resolve_weights(path=None):
 
 
 def load_weights(path):
-    """The tensors of a weights file, read with `weights_only=True`: a file holding code is refused unrun."""
+    """The tensors of a weights file, read as plain tensors (weights_only): a file holding code is refused unrun."""
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's message advises weights_only=False: never pass that on
-        raise InputError(
-            f"{path}: not a usable InceptionV3 weights file (not a plain file of tensors: refused, "
-            "since unpickling it could run code)"
-        ) from None
-    except _LOAD_ERRORS as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(f"{path}: not a usable InceptionV3 weights file ({first_line})") from None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise InputError(f"{path}: not a usable InceptionV3 weights file (not a state dict of tensors)")
+        state_dict = load_model_state_dict(path, map_location="cpu")
+    except UsageError as err:
+        raise InputError(f"{path}: not a usable InceptionV3 weights file ({err})") from None
     if not all(torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point()):
         raise InputError(f"{path}: not a usable InceptionV3 weights file (it holds NaN or infinite values)")
     return state_dict

@@ -15,26 +15,22 @@ changed on the server since is fetched again from the start instead of being spl
 """
 
 import argparse
-import hashlib
 import http.client
 import json
 import os
-import pickle
 import re
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 
-import torch
 from tqdm.auto import tqdm
 
-from guided_diffusion.checkpoints import DOWNLOAD_URL, OFFICIAL, architecture, official_architectures
+from guided_diffusion.checkpoints import DOWNLOAD_URL, OFFICIAL, architecture, file_sha256, official_architectures
+from guided_diffusion.dist_util import load_model_state_dict
 from guided_diffusion.errors import UsageError
 
 CHUNK = 1 << 20
-_LOAD_ERRORS = (RuntimeError, EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile)
 
 
 class DownloadError(RuntimeError):
@@ -83,28 +79,15 @@ def official_manifest(name):
 def verify(path, manifest):
     """Raise DownloadError unless path loads as plain tensors (weights_only) with exactly the manifest's keys and shapes."""
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's message advises weights_only=False: never pass that on
-        raise DownloadError("it is not a plain file of tensors (refused: unpickling it could run code)") from None
-    except _LOAD_ERRORS as e:
-        raise DownloadError(f"it does not load as a checkpoint ({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise DownloadError("it is not a state dict of tensors")
+        state_dict = load_model_state_dict(path, map_location="cpu")
+    except UsageError as e:
+        raise DownloadError(str(e)) from None
     found = frozenset(architecture(state_dict))
     if found != manifest:
         key, _ = sorted(found ^ manifest)[0]
         raise DownloadError(
             f"its keys and shapes are not the official ones ({len(found ^ manifest)} (key, shape) pairs differ, first {key})"
         )
-
-
-def file_sha256(path):
-    """The SHA-256 of a file as hex, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def install(part, path):
