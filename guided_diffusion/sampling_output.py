@@ -81,6 +81,8 @@ class Output:
         if not os.path.lexists(self.path):
             return False
         fix = "delete it or choose another --output"
+        if os.path.isdir(self.path):
+            raise UsageError(f"{self.path} is a folder, not a finished sample batch: {fix}")
         try:
             with open_images(self.path, min_images=1) as reader:
                 shape = tuple(reader.shape)

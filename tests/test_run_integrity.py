@@ -312,6 +312,16 @@ BAD_FILES = {
 }
 
 
+def _garbage(path):
+    path.write_bytes(b"\xff" * 64)
+    return path
+
+
+def _folder(path):
+    path.mkdir()
+    return path
+
+
 def _tiny(models, d):
     return ["--model_path", models["cond"], "--classifier_path", models["clf"], "--num_samples", 2, "--timestep_respacing", 4, "--output", d]
 
@@ -321,6 +331,9 @@ BAD_FLAGS = {
     "respacing_negative": (lambda m, d: [*_tiny(m, d), "--timestep_respacing", -5], "(got '-5')"),
     "pxp_stats_folder": (lambda m, d: [*_tiny(m, d), "--pxp_stats", d], f"--pxp_stats {{d}} is a folder: name a file"),
     "checkpoint_folder": (lambda m, d: [*_tiny(m, d), "--model_path", d], "checkpoint {d} is a directory"),
+    "safetensors_header": (lambda m, d: [*_tiny(m, d), "--model_path", _garbage(d / "bad.safetensors")], "bad .safetensors header"),
+    "output_folder_at_npz_name": (lambda m, d: [*_tiny(m, d), "--num_samples", 6, "--output", _folder(d / f"{NAME}.npz").parent],
+                                  f"{{d}}/{NAME}.npz is a folder, not a finished sample batch: delete it or choose another --output"),
 }
 
 
