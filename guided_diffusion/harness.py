@@ -24,6 +24,7 @@ from .script_util import str2bool
 
 INTERRUPTED = 130  # the exit status of a process ended by SIGINT, as shells report it
 _FAREWELL_SECONDS = 5  # how long an interrupted rank waits for the others to be interrupted too
+_METAVARS = {str2bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -47,21 +48,18 @@ def create_argparser(description, *default_dicts, context=None):
     parser = argparse.ArgumentParser(
         description=description, usage="%(prog)s [--flag value ...]", formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    groups = {name: parser.add_argument_group(name) for name in GROUPS}
-    for name, default in {k: v for d in default_dicts for k, v in d.items()}.items():
-        group, text = lookup(name, context) or ("other", "")
+    defaults = {k: v for d in default_dicts for k, v in d.items()}
+    entries = {name: lookup(name, context) or ("other", "") for name in defaults}
+    titles = sorted({group for group, _ in entries.values()}, key=lambda t: GROUPS.index(t) if t in GROUPS else len(GROUPS))
+    groups = {title: parser.add_argument_group(title) for title in titles}
+    for name, default in defaults.items():
+        group, text = entries[name]
         kind = str2bool if isinstance(default, bool) else int if default is None else type(default)
         shown = '""' if default == "" else "none" if default is None else default
-        target = groups.get(group) or groups.setdefault(group, parser.add_argument_group(group))
-        target.add_argument(f"--{name}", default=default, type=kind, metavar=_METAVARS.get(kind, "VALUE"),
-                            help=f"{text} (default: {shown})".replace("%", "%%"))
-    for action_group in list(parser._action_groups):
-        if action_group.title in groups and not action_group._group_actions:
-            parser._action_groups.remove(action_group)  # only the groups this script has
+        groups[group].add_argument(
+            f"--{name}", default=default, type=kind, metavar=_METAVARS.get(kind, "VALUE"), help=f"{text} (default: {shown})".replace("%", "%%")
+        )
     return parser
-
-
-_METAVARS = {str2bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}
 
 
 def run_script(main):
