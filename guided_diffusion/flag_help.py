@@ -115,3 +115,13 @@ HELP = {
 def lookup(name, context=None):
     """(group, help) of a flag in a context, or None when the table has no entry for it."""
     return HELP.get(f"{context}/{name}") or HELP.get(name)
+
+
+def group_of(name, context=None):
+    """The help group of a flag ("other" when the table has no entry for it)."""
+    return (lookup(name, context) or ("other", ""))[0]
+
+
+def group_rank(title):
+    """Where a group comes in --help and in the settings banner: GROUPS' order, unknown groups last."""
+    return GROUPS.index(title) if title in GROUPS else len(GROUPS)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from . import dist_util
 from .errors import UsageError
-from .flag_help import GROUPS, lookup
+from .flag_help import group_rank, lookup
 from .script_util import str2bool
 
 INTERRUPTED = 130  # the exit status of a process ended by SIGINT, as shells report it
@@ -50,7 +50,7 @@ def create_argparser(description, *default_dicts, context=None):
     )
     defaults = {k: v for d in default_dicts for k, v in d.items()}
     entries = {name: lookup(name, context) or ("other", "") for name in defaults}
-    titles = sorted({group for group, _ in entries.values()}, key=lambda t: GROUPS.index(t) if t in GROUPS else len(GROUPS))
+    titles = sorted({group for group, _ in entries.values()}, key=group_rank)
     groups = {title: parser.add_argument_group(title) for title in titles}
     for name, default in defaults.items():
         group, text = entries[name]

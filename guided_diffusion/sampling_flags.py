@@ -24,7 +24,7 @@ NOT_IN_FINGERPRINT = ("batch_size", "grid_size", "pxp_stats", "channels_last", "
 
 
 def sampling_defaults():
-    """Flags that every sampling script takes (besides --seed, which is unset by default)."""
+    """Flags that every sampling script takes (--seed None: unseeded samples)."""
     return dict(
         model_path="",
         clip_denoised=True,

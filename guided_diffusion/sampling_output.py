@@ -19,7 +19,7 @@ from evaluations.npz_io import InputError, atomic_npz, open_images
 from . import harness, logger
 from .checkpoints import file_sha256
 from .errors import UsageError
-from .flag_help import GROUPS, lookup
+from .flag_help import group_of, group_rank
 from .pixel_as_param import plot_stats
 from .sampling_flags import NOT_IN_FINGERPRINT
 from .sampling_progress import Progress, differences, write_json
@@ -152,18 +152,19 @@ def _banner(args, checkpoints, path):
         value = '""' if value == "" else value
         return f"--{name} {value}" + (" (auto)" if getattr(args, name, None) == "auto" and value != "auto" else "")
 
-    lines, groups, owned = ["settings:"], {}, {name for c in checkpoints for name in c.flags}
+    lines, groups = ["settings:"], {}
     for c in checkpoints:
-        network = [shown(k, v) for k, v in c.flags.items() if (lookup(k) or ("other",))[0] in _NETWORK_GROUPS]
-        lines.append(f"  {c.flag} {c.path} ({f'flags from {c.source}' if c.source else 'no flags of its own'}): {' '.join(network)}")
+        network = {k: v for k, v in c.flags.items() if group_of(k) in _NETWORK_GROUPS}
+        source = f"flags from {c.source}" if c.source else "no flags of its own"
+        lines.append(f"  {c.flag} {c.path} ({source}): {' '.join(shown(k, v) for k, v in network.items())}")
         for k, v in c.flags.items():
-            if (lookup(k) or ("other",))[0] not in _NETWORK_GROUPS:
-                groups.setdefault(lookup(k)[0] if lookup(k) else "other", {}).setdefault(k, v)
+            if k not in network:  # e.g. PixelAsParam's flags: shown once, with the run's
+                groups.setdefault(group_of(k), {}).setdefault(k, v)
+    paths = {c.flag[2:] for c in checkpoints}
     for k, v in vars(args).items():
-        if k not in owned and k not in {c.flag[2:] for c in checkpoints}:
-            groups.setdefault(lookup(k)[0] if lookup(k) else "other", {})[k] = v
-    order = sorted(groups, key=lambda group: GROUPS.index(group) if group in GROUPS else len(GROUPS))
-    lines += [f"  {group}: {' '.join(shown(k, v) for k, v in groups[group].items())}" for group in order]
+        if k not in paths and not any(k in c.flags for c in checkpoints):
+            groups.setdefault(group_of(k), {})[k] = v
+    lines += [f"  {group}: {' '.join(shown(k, v) for k, v in groups[group].items())}" for group in sorted(groups, key=group_rank)]
     return "\n".join(lines + [f"output: {path}"])
 
 
