@@ -136,9 +136,13 @@ def train_evaluator(out_path=DEFAULT_PATH, epochs=60, batch_size=64, lr=2e-3, se
 def build_parser():
     """The command-line flags, each with its default in its help."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(DEFAULT_PATH), help="where to save the weights; the sidecar goes beside them as <out>.json (default: %(default)s)")
+    parser.add_argument(
+        "--out", default=str(DEFAULT_PATH), help="where to save the weights, with the sidecar <out>.json (default: %(default)s)"
+    )
     parser.add_argument("--epochs", type=int, default=60, help="passes over the clean train split (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batch order and shifts (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the initial weights, batch order and shifts (default: %(default)s)"
+    )
     return parser
 
 

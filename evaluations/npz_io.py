@@ -119,7 +119,9 @@ def _open_array(path, archive, name):
     with stream:
         shape, fortran_order, dtype = _read_npy_header(path, name, stream)
         if dtype.hasobject:
-            raise InputError(f"{path}: {name} is an array of Python objects; only numeric arrays are read (unpickling could run code)")
+            raise InputError(
+                f"{path}: {name} is an array of Python objects; only numeric arrays are read (unpickling could run code)"
+            )
         if any(side < 0 for side in shape):
             raise InputError(f"{path}: corrupt {name} header (negative size in shape {shape})")
         declared, held = math.prod(shape) * dtype.itemsize, info.file_size - stream.tell()
@@ -170,7 +172,10 @@ def _read_statistic(path, archive, name):
             raise InputError(f"{path}: {name} must hold real numbers, got dtype {dtype}")
         array = _read_whole(path, name, stream, shape, fortran_order, dtype).astype(np.float64)
     if not np.isfinite(array).all():
-        raise InputError(f"{path}: {name} holds NaN or infinite values: unusable statistics (rebuild them with evaluations/make_ref_batch.py)")
+        raise InputError(
+            f"{path}: {name} holds NaN or infinite values: unusable statistics "
+            "(rebuild them with evaluations/make_ref_batch.py)"
+        )
     return array
 
 

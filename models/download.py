@@ -56,7 +56,9 @@ def check_url(url_template):
         raise UsageError(f"--url {url_template!r} is not a template with only {{name}} in braces ({e})") from None
     parts = urllib.parse.urlsplit(url)
     if "{name}" not in url_template or parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError(f"--url {url_template!r} must be an http:// or https:// address containing {{name}}, e.g. {DOWNLOAD_URL}")
+        raise UsageError(
+            f"--url {url_template!r} must be an http:// or https:// address containing {{name}}, e.g. {DOWNLOAD_URL}"
+        )
 
 
 def prepare_dir(directory):
@@ -99,7 +101,9 @@ def install(part, path):
         os.replace(part, path)
         _discard(part)  # its resume record
     except OSError as e:
-        raise DownloadError(f"cannot write {path}.sha256 or {path} ({e.strerror}); {part} is complete: run the same command again") from None
+        raise DownloadError(
+            f"cannot write {path}.sha256 or {path} ({e.strerror}); {part} is complete: run the same command again"
+        ) from None
     return sha256
 
 
@@ -164,7 +168,10 @@ def fetch(url, part, timeout, name):
             return done
         if e.code == 416:
             _discard(part)
-            raise DownloadError(f"cannot resume {name}: the server has no bytes past {done}; removed {part}: run the same command again to start over") from None
+            raise DownloadError(
+                f"cannot resume {name}: the server has no bytes past {done}; removed {part}: "
+                "run the same command again to start over"
+            ) from None
         raise DownloadError(f"cannot download {name}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", None) or repr(e)
@@ -176,7 +183,10 @@ def _resumed_total(response, done, part):
     match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
     if not match or int(match.group(1)) != done:
         _discard(part)
-        raise DownloadError(f"the server resumed at the wrong place ({response.headers.get('Content-Range')!r} for byte {done}); removed {part}: run the same command again to start over")
+        raise DownloadError(
+            f"the server resumed at the wrong place ({response.headers.get('Content-Range')!r} for byte {done}); "
+            f"removed {part}: run the same command again to start over"
+        )
     return None if match.group(2) == "*" else int(match.group(2))
 
 
@@ -203,7 +213,9 @@ def _copy(response, part, done, total, name):
 def _write_error(part, error):
     """The DownloadError for a failed write to a .part file, which keeps what it holds."""
     kept = os.path.getsize(part) if os.path.exists(part) else 0
-    return DownloadError(f"cannot write {part} ({error.strerror}); it keeps {kept} bytes: free space and run the same command again to resume")
+    return DownloadError(
+        f"cannot write {part} ({error.strerror}); it keeps {kept} bytes: free space and run the same command again to resume"
+    )
 
 
 def _read_record(part):
