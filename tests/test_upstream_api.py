@@ -28,7 +28,8 @@ MODULES = (
     "script_util", "gaussian_diffusion", "respace", "unet", "dist_util", "fp16_util",
     "nn", "logger", "resample", "losses", "image_datasets", "train_util",
 )
-# names with a leading underscore that code built on upstream is known to use
+# names with a leading underscore that code built on upstream is known to use (by module, or by
+# class for methods)
 PRIVATE_NAMES_IN_USE = {
     "respace": ["_WrappedModel"],
     "image_datasets": ["_list_image_files_recursively"],
