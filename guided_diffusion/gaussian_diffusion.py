@@ -12,8 +12,9 @@ import math
 import numpy as np
 import torch as th
 
-from . import pixel_as_param as pxp
+from . import pixel_as_param
 from .errors import UsageError
+from .pixel_as_param import DIRECTIONS, PLAIN, UNGUIDED, PxPConfig
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
 
@@ -82,6 +83,19 @@ def _step_output(sample, out):
     return result
 
 
+def _checked_config(pxp):
+    """pxp if it is a PxPConfig; a one-line error otherwise."""
+    if not isinstance(pxp, PxPConfig):
+        raise UsageError(f"pxp= takes a pixel_as_param.PxPConfig (got {type(pxp).__name__}): e.g. PxPConfig(mode='cls_den')")
+    return pxp
+
+
+def _given(**kwargs):
+    """The keyword arguments that are not None: a loop forwards only what its caller set, so steps
+    with upstream's signature (e.g. in subclasses) still accept upstream-style loop calls."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
 def _step_noise_source(step_noise):
     """A function i -> z for the i-th timestep index from an iterable or callable (or None)."""
     if step_noise is None or callable(step_noise):
@@ -94,12 +108,8 @@ class GaussianDiffusion:
     """The forward and reverse processes of a diffusion model, for training and sampling.
 
     :param betas: 1-D array of betas indexed by timestep (t = 0 first).
-    :param pxp_mode: how guided steps combine their directions (see `pixel_as_param`):
-        "none" (ADM-G), "cls_den", "cls_den_div" or "cls_den_div2".
-    :param dweight, cweight: weights of the projections' corrections to the sampler's own
-        directions (denoising, diversity) and to the guidance direction; 1 = the paper.
-    :param pxp_optimizer: "sgd" (the paper), "momentum" or "adam" on the guidance direction.
-    :param pxp_window: "lo,hi": only steps with lo <= t/T < hi combine directions ("0,1": all).
+    :param pxp: a `pixel_as_param.PxPConfig`, how guided steps are taken (default: ADM-G's plain
+        steps); the sampling steps and loops take a `pxp=` of their own per call.
     """
 
     def __init__(
@@ -110,19 +120,13 @@ class GaussianDiffusion:
         model_var_type,
         loss_type,
         rescale_timesteps=False,
-        pxp_mode="none",
-        dweight=1.0,
-        cweight=1.0,
-        pxp_optimizer="sgd",
-        pxp_window="0,1",
+        pxp=None,
     ):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.rescale_timesteps = rescale_timesteps
-        self.pxp = pxp.PxPConfig(
-            mode=pxp_mode, dweight=dweight, cweight=cweight, optimizer=pxp_optimizer, window=pxp.parse_window(pxp_window)
-        )
+        self.pxp = PxPConfig() if pxp is None else _checked_config(pxp)
 
         betas = np.array(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must be a 1-D array in (0, 1]"
@@ -258,51 +262,60 @@ class GaussianDiffusion:
     # ----------------------------------------------------------------- guidance (ADM-G)
 
     def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
-        """The guided mean mu + Sigma * grad log p(y | x_t) (Sohl-Dickstein et al. 2015)."""
-        gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
+        """The guided mean mu + Sigma * grad log p(y | x_t) (Sohl-Dickstein et al. 2015); named gradients are summed."""
+        gradient = pixel_as_param.total_guidance(cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {})))
         return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
         """p_mean_var with eps shifted by -sqrt(1 - alpha_bar) * grad (score conditioning, for DDIM)."""
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
-        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
+        eps = eps - (1 - alpha_bar).sqrt() * pixel_as_param.total_guidance(cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {})))
         out = dict(p_mean_var)
         out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
         out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
         return out
 
-    def _prediction(self, model, x, t, clip_denoised, denoised_fn, model_kwargs, cfg):
+    def _config(self, pxp):
+        """The PixelAsParam settings of a call: its own `pxp=`, else the diffusion's."""
+        return self.pxp if pxp is None else _checked_config(pxp)
+
+    def _step_kind(self, config, t, cond_fn, cfg):
+        """How a step is guided (UNGUIDED, PLAIN or DIRECTIONS): PxPConfig.step_kind's one rule for every
+        sampler, after refusing what the guidance given cannot do."""
+        if cond_fn is None and cfg is None:
+            return UNGUIDED
+        if cfg is not None:
+            config.require(("den", "cls"), "classifier-free guidance (it combines x0 predictions, before the noise)")
+            if cond_fn is not None and config.optimizer != "sgd":
+                raise UsageError(f"pxp_optimizer {config.optimizer} smooths one guidance at a time: use classifier-free or classifier guidance, or pxp_optimizer sgd")
+        return config.step_kind(t, self.num_timesteps)
+
+    def _prediction(self, model, x, t, clip_denoised, denoised_fn, model_kwargs, cfg=None, kind=PLAIN, config=None, guidance_state=None):
         """p_mean_variance of the model or, when cfg is given, of the classifier-free combination.
 
-        For classifier-free guidance `model` is the unconditional network (called without y)
-        and the variance is its own; the x0 predictions combine as in `pixel_as_param`.
+        For classifier-free guidance `model` is the unconditional network (called without y) and
+        the variance is its own; the x0 predictions combine as in `pixel_as_param`. At an UNGUIDED
+        step (outside the guidance window) the conditional network alone predicts, in one call.
         """
         if cfg is None:
             return self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         model_kwargs = model_kwargs or {}
+        if kind == UNGUIDED:
+            return self.p_mean_variance(cfg.cond_model, x, t, clip_denoised, denoised_fn, model_kwargs)
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, {k: v for k, v in model_kwargs.items() if k != "y"})
         x0_c = self.p_mean_variance(cfg.cond_model, x, t, clip_denoised, denoised_fn, model_kwargs)["pred_xstart"]
         eps_c = self._predict_eps_from_xstart(x, t, x0_c)
         eps_u = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        stats = None
-        if self.pxp.mode == "none":
-            x0 = self._predict_xstart_from_eps(x, t, (1 + cfg.scale) * eps_c - cfg.scale * eps_u)
+        if kind == DIRECTIONS:
+            recipm1 = _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x.shape)
+            directions = pixel_as_param.classifier_free_directions(x0_c, eps_c, eps_u, cfg.scale, recipm1)
+            x0, out["pxp"] = pixel_as_param.combine(directions, config, guidance_state)
         else:
-            # the same x0 written as x0_c + delta, so the two parts can be projected
-            delta = -cfg.scale * (eps_c - eps_u) * _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x.shape)
-            x0, stats = pxp.classifier_free_x0(x0_c, delta, self.pxp)
+            x0 = self._predict_xstart_from_eps(x, t, (1 + cfg.scale) * eps_c - cfg.scale * eps_u)
         out["pred_xstart"] = x0.clamp(-1, 1) if clip_denoised else x0
         out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
-        if stats is not None:
-            out["pxp"] = stats
         return out
-
-    def _uses_pxp_step(self, cond_fn, t=None):
-        """Whether a guided step (at timesteps t, or any) goes through the direction view rather than plain ADM-G."""
-        if cond_fn is None or (self.pxp.mode == "none" and self.pxp.optimizer == "sgd"):
-            return False
-        return t is None or self.pxp.window == (0.0, 1.0) or self.pxp.projects_at(int(t[0]) / self.num_timesteps)
 
     # ----------------------------------------------------------------- DDPM sampling
 
@@ -318,29 +331,30 @@ class GaussianDiffusion:
         noise=None,
         cfg=None,
         guidance_state=None,
+        pxp=None,
     ):
         """Sample x_{t-1} from x_t, guided by cond_fn (classifier) or cfg (classifier-free).
 
+        :param cond_fn: (x, t, **model_kwargs) -> the gradient, or {name: gradient} for several objectives.
         :param noise: the step's standard normal z (drawn when None).
-        :param guidance_state: the `pxp.GuidanceOptimizer` carried across a loop's steps.
+        :param guidance_state: the `pixel_as_param.GuidanceOptimizer` carried across a loop's steps.
+        :param pxp: a `pixel_as_param.PxPConfig` for this call in place of the diffusion's own.
         :return: dict with `sample`, `pred_xstart` and, for PixelAsParam steps, `pxp` statistics.
         """
-        out = self._prediction(model, x, t, clip_denoised, denoised_fn, model_kwargs, cfg)
+        config = self._config(pxp)
+        kind = self._step_kind(config, t, cond_fn, cfg)
+        out = self._prediction(model, x, t, clip_denoised, denoised_fn, model_kwargs, cfg, kind, config, guidance_state)
         if noise is None:
             noise = th.randn_like(x)
         mask = _nonzero_mask(t, x)
-        if self._uses_pxp_step(cond_fn, t):
-            gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {})).float()
-            coef1 = _extract_into_tensor(self.posterior_mean_coef1, t, x.shape)
-            directions = pxp.Directions(
-                base=out["mean"].float(),
-                den=coef1 * out["pred_xstart"].float(),
-                cls=out["variance"] * gradient,
-                div=mask * th.exp(0.5 * out["log_variance"]) * noise,
+        if cond_fn is not None and kind == DIRECTIONS:
+            directions = pixel_as_param.ddpm_directions(
+                out["mean"], out["pred_xstart"], _extract_into_tensor(self.posterior_mean_coef1, t, x.shape), out["variance"],
+                out["log_variance"], cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {})), noise, mask,
             )
-            sample, stats = pxp.combine(directions, self.pxp, guidance_state)
+            sample, stats = pixel_as_param.combine(directions, config, guidance_state)
             return {"sample": sample, "pred_xstart": out["pred_xstart"], "pxp": stats}
-        if cond_fn is not None:
+        if cond_fn is not None and kind == PLAIN:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
         sample = out["mean"] + mask * th.exp(0.5 * out["log_variance"]) * noise
         return _step_output(sample, out)
@@ -358,11 +372,25 @@ class GaussianDiffusion:
         progress=False,
         step_noise=None,
         cfg=None,
+        pxp=None,
     ):
-        """Generate samples of the given shape; `noise` is x_T, `step_noise` gives each step's z."""
+        """Generate samples of the given shape; `noise` is x_T, `step_noise` gives each step's z.
+
+        :param cfg: a `pixel_as_param.ClassifierFree` for classifier-free guidance.
+        :param pxp: a `pixel_as_param.PxPConfig` for this call in place of the diffusion's own.
+        """
         final = None
         for final in self.p_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, step_noise, cfg
+            model,
+            shape,
+            noise=noise,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            device=device,
+            progress=progress,
+            **_given(step_noise=step_noise, cfg=cfg, pxp=pxp),
         ):
             pass
         return final["sample"]
@@ -380,25 +408,25 @@ class GaussianDiffusion:
         progress=False,
         step_noise=None,
         cfg=None,
+        pxp=None,
     ):
         """Yield each step's p_sample output, from t = T-1 down to 0.
 
         :param step_noise: an iterable of z tensors in sampling order, or a callable i -> z
             for timestep index i; None draws them from torch's generator.
         """
-        return self._loop(
-            self.p_sample, model, shape, noise, device, progress, step_noise,
-            dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, cfg=cfg),
-        )
+        step_kwargs = dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs)
+        return self._loop(self.p_sample, model, shape, noise, device, progress, step_noise, pxp, dict(step_kwargs, **_given(cfg=cfg)))
 
-    def _loop(self, step, model, shape, noise, device, progress, step_noise, step_kwargs):
+    def _loop(self, step, model, shape, noise, device, progress, step_noise, pxp, step_kwargs):
         """Run `step` from t = T-1 to 0, yielding each output; shared by DDPM and DDIM loops."""
         if device is None:
             device = next(model.parameters()).device
         assert isinstance(shape, (tuple, list))
         img = noise if noise is not None else th.randn(*shape, device=device)
         next_noise = _step_noise_source(step_noise)
-        guidance_state = pxp.GuidanceOptimizer(self.pxp.optimizer) if self._uses_pxp_step(step_kwargs["cond_fn"]) else None
+        optimizer = self._config(pxp).optimizer
+        state = pixel_as_param.GuidanceOptimizer(optimizer) if optimizer != "sgd" else None
         indices = list(range(self.num_timesteps))[::-1]
         if progress:
             from tqdm.auto import tqdm
@@ -408,7 +436,7 @@ class GaussianDiffusion:
             t = th.tensor([i] * shape[0], device=device)
             z = next_noise(i) if next_noise is not None else None
             with th.no_grad():
-                out = step(model, img, t, noise=z, guidance_state=guidance_state, **step_kwargs)
+                out = step(model, img, t, **step_kwargs, **_given(noise=z, guidance_state=state, pxp=pxp))
             yield out
             img = out["sample"]
 
@@ -427,36 +455,31 @@ class GaussianDiffusion:
         noise=None,
         cfg=None,
         guidance_state=None,
+        pxp=None,
     ):
-        """Sample x_{t-1} from x_t with DDIM (Song et al. 2021); eta = 1 matches DDPM's variance."""
-        out = self._prediction(model, x, t, clip_denoised, denoised_fn, model_kwargs, cfg)
+        """Sample x_{t-1} from x_t with DDIM (Song et al. 2021); eta = 1 matches DDPM's variance. Arguments as in p_sample."""
+        config = self._config(pxp)
+        kind = self._step_kind(config, t, cond_fn, cfg)
+        out = self._prediction(model, x, t, clip_denoised, denoised_fn, model_kwargs, cfg, kind, config, guidance_state)
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
         sigma = eta * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * th.sqrt(1 - alpha_bar / alpha_bar_prev)
-        eps_coef = th.sqrt(1 - alpha_bar_prev - sigma**2)
         if noise is None:
             noise = th.randn_like(x)
         mask = _nonzero_mask(t, x)
-        if self._uses_pxp_step(cond_fn, t):
-            gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {})).float()
+        if cond_fn is not None and kind == DIRECTIONS:
             x0 = out["pred_xstart"].float()
-            eps = self._predict_eps_from_xstart(x, t, x0)
-            # the DDIM mean is den_coef * x0 + (a term in x_t); guidance moves it by cls_coef * grad
-            recipm1 = _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x.shape)
-            den_coef = th.sqrt(alpha_bar_prev) - eps_coef / recipm1
-            cls_coef = th.sqrt(alpha_bar_prev) * (1 - alpha_bar) / th.sqrt(alpha_bar) - eps_coef * th.sqrt(1 - alpha_bar)
-            directions = pxp.Directions(
-                base=x0 * th.sqrt(alpha_bar_prev) + eps_coef * eps,
-                den=den_coef * x0,
-                cls=cls_coef * gradient,
-                div=mask * sigma * noise,
+            directions = pixel_as_param.ddim_directions(
+                x0, self._predict_eps_from_xstart(x, t, x0), alpha_bar, alpha_bar_prev,
+                _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x.shape), sigma,
+                cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {})), noise, mask,
             )
-            sample, stats = pxp.combine(directions, self.pxp, guidance_state)
+            sample, stats = pixel_as_param.combine(directions, config, guidance_state)
             return {"sample": sample, "pred_xstart": out["pred_xstart"], "pxp": stats}
-        if cond_fn is not None:
+        if cond_fn is not None and kind == PLAIN:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_prev) + eps_coef * eps
+        mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_prev) + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         return _step_output(mean_pred + mask * sigma * noise, out)
 
     def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
@@ -482,11 +505,22 @@ class GaussianDiffusion:
         eta=0.0,
         step_noise=None,
         cfg=None,
+        pxp=None,
     ):
         """Generate samples with DDIM; arguments as in p_sample_loop."""
         final = None
         for final in self.ddim_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta, step_noise, cfg
+            model,
+            shape,
+            noise=noise,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            device=device,
+            progress=progress,
+            eta=eta,
+            **_given(step_noise=step_noise, cfg=cfg, pxp=pxp),
         ):
             pass
         return final["sample"]
@@ -505,12 +539,11 @@ class GaussianDiffusion:
         eta=0.0,
         step_noise=None,
         cfg=None,
+        pxp=None,
     ):
-        """Yield each DDIM step's output, from t = T-1 down to 0."""
-        return self._loop(
-            self.ddim_sample, model, shape, noise, device, progress, step_noise,
-            dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, cfg=cfg),
-        )
+        """Yield each DDIM step's output, from t = T-1 down to 0; arguments as in p_sample_loop_progressive."""
+        step_kwargs = dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta)
+        return self._loop(self.ddim_sample, model, shape, noise, device, progress, step_noise, pxp, dict(step_kwargs, **_given(cfg=cfg)))
 
     # ----------------------------------------------------------------- training and likelihood
 

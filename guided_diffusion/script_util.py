@@ -2,15 +2,19 @@
 
 Every `*_defaults()` dict is a set of flags (`--name value`); the `create_*` functions take
 exactly those flags as keyword arguments, so `create_x(**args_to_dict(args, x_defaults().keys()))`
-builds what a README flag string describes.
+builds what a README flag string describes. The PixelAsParam flags (`pxp_defaults()`) are part of
+every diffusion's flags and travel as one group, a `pixel_as_param.PxPConfig`: the factories take
+them as `**pxp_flags`, so a new setting is a new PxPConfig field and nothing here changes.
 """
 
 import argparse
 import inspect
 
+import torch.nn as nn
+
 from . import gaussian_diffusion as gd
 from .errors import UsageError
-from .pixel_as_param import resolve_mode
+from .pixel_as_param import PxPConfig
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
@@ -19,6 +23,12 @@ NUM_CLASSES = 1000
 # channel multipliers per level by image size, as in the published ImageNet models
 _CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
 _SR_CHANNEL_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
+
+
+def pxp_defaults():
+    """Flags of how guided steps are taken (PixelAsParam: pxp_mode, dweight, cweight, pxp_optimizer,
+    pxp_window, pxp_bound, guidance_window); together they make one `pixel_as_param.PxPConfig`."""
+    return PxPConfig().flags()
 
 
 def diffusion_defaults():
@@ -32,11 +42,7 @@ def diffusion_defaults():
         predict_xstart=False,
         rescale_timesteps=False,
         rescale_learned_sigmas=False,
-        pxp_mode="none",
-        dweight=1.0,
-        cweight=1.0,
-        pxp_optimizer="sgd",
-        pxp_window="0,1",  # lo,hi: only steps with lo <= t/T < hi project
+        **pxp_defaults(),
     )
 
 
@@ -112,11 +118,7 @@ def create_model_and_diffusion(
     use_fp16,
     use_new_attention_order,
     num_classes=NUM_CLASSES,
-    pxp_mode="none",
-    dweight=1.0,
-    cweight=1.0,
-    pxp_optimizer="sgd",
-    pxp_window="0,1",
+    **pxp_flags,
 ):
     """The UNet and the diffusion described by model_and_diffusion_defaults() flags.
 
@@ -142,20 +144,17 @@ def create_model_and_diffusion(
         use_new_attention_order=use_new_attention_order,
         num_classes=num_classes,
     )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
+    diffusion = create_diffusion(
         learn_sigma=learn_sigma,
+        diffusion_steps=diffusion_steps,
         noise_schedule=noise_schedule,
+        timestep_respacing=timestep_respacing,
         use_kl=use_kl,
         predict_xstart=predict_xstart,
         rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-        pxp_mode=resolve_mode(pxp_mode, class_cond),
-        dweight=dweight,
-        cweight=cweight,
-        pxp_optimizer=pxp_optimizer,
-        pxp_window=pxp_window,
+        class_cond=class_cond,
+        **pxp_flags,
     )
     return model, diffusion
 
@@ -237,11 +236,7 @@ def create_classifier_and_diffusion(
     rescale_learned_sigmas,
     num_classes=NUM_CLASSES,
     classifier_channel_mult="",
-    pxp_mode="none",
-    dweight=1.0,
-    cweight=1.0,
-    pxp_optimizer="sgd",
-    pxp_window="0,1",
+    **pxp_flags,
 ):
     """The noisy classifier and the diffusion it is trained on (classifier_and_diffusion_defaults() flags)."""
     classifier = create_classifier(
@@ -256,20 +251,16 @@ def create_classifier_and_diffusion(
         num_classes=num_classes,
         classifier_channel_mult=classifier_channel_mult,
     )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
+    diffusion = create_diffusion(
         learn_sigma=learn_sigma,
+        diffusion_steps=diffusion_steps,
         noise_schedule=noise_schedule,
+        timestep_respacing=timestep_respacing,
         use_kl=use_kl,
         predict_xstart=predict_xstart,
         rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-        pxp_mode=pxp_mode,
-        dweight=dweight,
-        cweight=cweight,
-        pxp_optimizer=pxp_optimizer,
-        pxp_window=pxp_window,
+        **pxp_flags,
     )
     return classifier, diffusion
 
@@ -308,7 +299,7 @@ def sr_model_and_diffusion_defaults():
     res = model_and_diffusion_defaults()
     res["large_size"] = 256
     res["small_size"] = 64
-    names = inspect.signature(sr_create_model_and_diffusion).parameters
+    names = set(inspect.signature(sr_create_model_and_diffusion).parameters) | set(pxp_defaults())
     return {k: v for k, v in res.items() if k in names}
 
 
@@ -336,11 +327,7 @@ def sr_create_model_and_diffusion(
     resblock_updown,
     use_fp16,
     num_classes=NUM_CLASSES,
-    pxp_mode="none",
-    dweight=1.0,
-    cweight=1.0,
-    pxp_optimizer="sgd",
-    pxp_window="0,1",
+    **pxp_flags,
 ):
     """The super-resolution UNet and its diffusion described by sr_model_and_diffusion_defaults() flags."""
     model = sr_create_model(
@@ -348,20 +335,17 @@ def sr_create_model_and_diffusion(
         attention_resolutions, num_heads, num_head_channels, num_heads_upsample, use_scale_shift_norm,
         dropout, resblock_updown, use_fp16, num_classes,
     )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
+    diffusion = create_diffusion(
         learn_sigma=learn_sigma,
+        diffusion_steps=diffusion_steps,
         noise_schedule=noise_schedule,
+        timestep_respacing=timestep_respacing,
         use_kl=use_kl,
         predict_xstart=predict_xstart,
         rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-        pxp_mode=resolve_mode(pxp_mode, class_cond),
-        dweight=dweight,
-        cweight=cweight,
-        pxp_optimizer=pxp_optimizer,
-        pxp_window=pxp_window,
+        class_cond=class_cond,
+        **pxp_flags,
     )
     return model, diffusion
 
@@ -405,6 +389,33 @@ def sr_create_model(
     )
 
 
+def create_diffusion(
+    learn_sigma,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    class_cond=None,
+    **pxp_flags,
+):
+    """The diffusion that diffusion_defaults() flags describe, e.g. a checkpoint's flags with a respacing:
+    `create_diffusion(**{k: flags[k] for k in diffusion_defaults()})`. class_cond resolves pxp_mode auto."""
+    return create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+        pxp=PxPConfig.from_flags(class_cond=class_cond, **pxp_flags),
+    )
+
+
 def create_gaussian_diffusion(
     *,
     steps=1000,
@@ -416,13 +427,13 @@ def create_gaussian_diffusion(
     rescale_timesteps=False,
     rescale_learned_sigmas=False,
     timestep_respacing="",
-    pxp_mode="none",
-    dweight=1.0,
-    cweight=1.0,
-    pxp_optimizer="sgd",
-    pxp_window="0,1",
+    pxp=None,
+    **pxp_flags,
 ):
-    """A (respaced) diffusion process; `pxp_mode` and friends set how guided steps combine."""
+    """A (respaced) diffusion process; guided steps are taken as `pxp` (a PxPConfig) or the PixelAsParam
+    flags (pxp_mode=..., see pxp_defaults()) say, ADM-G's plain steps by default."""
+    if pxp is not None and pxp_flags:
+        raise UsageError(f"pass pxp= or PixelAsParam flags ({', '.join(pxp_flags)}), not both")
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
@@ -441,12 +452,20 @@ def create_gaussian_diffusion(
         model_var_type=var_type,
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
-        pxp_mode=pxp_mode,
-        dweight=dweight,
-        cweight=cweight,
-        pxp_optimizer=pxp_optimizer,
-        pxp_window=pxp_window,
+        pxp=pxp if pxp is not None else PxPConfig.from_flags(**pxp_flags),
     )
+
+
+def randomize_zeroed_convs(net):
+    """Give a network's zero-initialised convolutions (ADM's output layers) fresh random weights, in place.
+
+    A network built from flags with seeded weights then depends on all its paths, as a trained one
+    does, for timing and precision checks without a checkpoint. Returns net.
+    """
+    for module in net.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and not module.weight.any():
+            module.reset_parameters()
+    return net
 
 
 def add_dict_to_argparser(parser, default_dict):
