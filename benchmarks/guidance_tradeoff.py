@@ -3,7 +3,7 @@
 For the conditional digits model (the paper's recipe: cls_den) and the unconditional one
 (cls_den_div2), sweeps --classifier_scale x guidance setting (ADM-G, the PxP modes, DDPM and
 DDIM, one-sided and lighter projections, the optimizer modes, projection in part of the
-trajectory). Every point samples --num_samples digits per seed, labels 0-9 in turn, and every
+trajectory, ADM-G guided in part of the trajectory, the bounded projection). Every point samples --num_samples digits per seed, labels 0-9 in turn, and every
 setting sees the same x_T and step noises for a seed (common random numbers). Each point
 reports the evaluator's accuracy on the target labels and FID / precision / recall in its
 feature space against the held-out digits, as mean and 95% confidence interval over seeds.
@@ -34,43 +34,41 @@ from evaluations.digits_features import load_evaluator  # noqa: E402
 from evaluations.metrics import compute_statistics, frechet_distance, precision_recall  # noqa: E402
 from guided_diffusion.checkpoints import load_with_sidecar  # noqa: E402
 from guided_diffusion.digits import digits_split  # noqa: E402
+from guided_diffusion.pixel_as_param import PxPConfig  # noqa: E402
 from guided_diffusion.sampling_networks import classifier_guidance, label_aware  # noqa: E402
-from guided_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
+from guided_diffusion.script_util import create_diffusion, diffusion_defaults  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One way of guiding: a PxP mode and its options, the sampler, and the part of the trajectory projected.
-
-    `window` (lo, hi) projects only at steps whose t / T lies in [lo, hi) (`--pxp_window`); plain ADM-G elsewhere.
-    """
+    """One way of guiding: the PixelAsParam settings (mode, weights, optimizer, windows, bound) and the sampler."""
 
     name: str
-    mode: str
+    pxp: PxPConfig = PxPConfig()
     ddim: bool = False
-    dweight: float = 1.0
-    cweight: float = 1.0
-    optimizer: str = "sgd"
-    window: tuple = (0.0, 1.0)
 
 
 def settings_for(recipe):
     """The settings swept for a model whose paper recipe is `recipe` (cls_den or cls_den_div2)."""
+    noisy_half = (0.5, 1.0)  # steps with t >= T/2
     base = [
-        Setting("ADM-G", "none"),
-        Setting("cls_den", "cls_den"),
-        Setting("cls_den_div", "cls_den_div"),
-        Setting("cls_den_div2", "cls_den_div2"),
-        Setting("ADM-G DDIM", "none", ddim=True),
-        Setting("cls_den DDIM", "cls_den", ddim=True),
+        Setting("ADM-G", PxPConfig()),
+        Setting("cls_den", PxPConfig(mode="cls_den")),
+        Setting("cls_den_div", PxPConfig(mode="cls_den_div")),
+        Setting("cls_den_div2", PxPConfig(mode="cls_den_div2")),
+        Setting("ADM-G DDIM", PxPConfig(), ddim=True),
+        Setting("cls_den DDIM", PxPConfig(mode="cls_den"), ddim=True),
+        Setting("ADM-G guided t>=T/2 only", PxPConfig(guidance_window=noisy_half)),  # the fair baseline of projecting there
     ]
     variants = [
-        Setting(f"{recipe} dweight 0", recipe, dweight=0.0),
-        Setting(f"{recipe} weights 0.5", recipe, dweight=0.5, cweight=0.5),
-        Setting(f"{recipe} momentum", recipe, optimizer="momentum"),
-        Setting(f"{recipe} adam", recipe, optimizer="adam"),
-        Setting(f"{recipe} t<T/2 only", recipe, window=(0.0, 0.5)),
-        Setting(f"{recipe} t>=T/2 only", recipe, window=(0.5, 1.0)),
+        Setting(f"{recipe} dweight 0", PxPConfig(mode=recipe, dweight=0.0)),
+        Setting(f"{recipe} weights 0.5", PxPConfig(mode=recipe, dweight=0.5, cweight=0.5)),
+        Setting(f"{recipe} momentum", PxPConfig(mode=recipe, optimizer="momentum")),
+        Setting(f"{recipe} adam", PxPConfig(mode=recipe, optimizer="adam")),
+        Setting(f"{recipe} t<T/2 only", PxPConfig(mode=recipe, window=(0.0, 0.5))),
+        Setting(f"{recipe} t>=T/2 only", PxPConfig(mode=recipe, window=noisy_half)),
+        Setting(f"{recipe} bound 1", PxPConfig(mode=recipe, bound=1.0)),
+        Setting(f"{recipe} bound 1 t>=T/2 only", PxPConfig(mode=recipe, bound=1.0, window=noisy_half)),
     ]
     return base + variants
 
@@ -83,32 +81,21 @@ MODELS = {
 
 
 class Sampler:
-    """A digits model and the noisy classifier, sampled on one respaced schedule with a setting's diffusion."""
+    """A digits model and the noisy classifier, sampled on one respaced schedule of the model's own diffusion."""
 
     def __init__(self, model_file, steps):
         self.model, flags = load_with_sidecar(ROOT / "models" / model_file)
         self.classifier, _ = load_with_sidecar(ROOT / "models" / "digits_classifier.pt")
         self.model_fn = label_aware(self.model, flags["class_cond"])
-        self.schedule = dict(
-            steps=flags["diffusion_steps"], learn_sigma=flags["learn_sigma"], noise_schedule=flags["noise_schedule"],
-            timestep_respacing=str(steps),
-        )
+        self.diffusion = create_diffusion(**dict({k: flags[k] for k in diffusion_defaults()}, timestep_respacing=str(steps)))
         self.shape = (3, flags["image_size"], flags["image_size"])
-
-    def diffusion(self, setting):
-        """The diffusion that applies a setting's projection."""
-        return create_gaussian_diffusion(
-            **self.schedule, pxp_mode=setting.mode, dweight=setting.dweight, cweight=setting.cweight,
-            pxp_optimizer=setting.optimizer, pxp_window=setting.window,
-        )
 
     def sample(self, setting, scale, labels, x_T, step_noises):
         """uint8 NHWC digits guided towards labels; step_noises[i] is the z of timestep index i."""
-        diffusion = self.diffusion(setting)
-        loop = diffusion.ddim_sample_loop if setting.ddim else diffusion.p_sample_loop
+        loop = self.diffusion.ddim_sample_loop if setting.ddim else self.diffusion.p_sample_loop
         x = loop(
             self.model_fn, x_T.shape, noise=x_T, cond_fn=classifier_guidance(self.classifier, scale) if scale else None,
-            model_kwargs={"y": labels}, device=x_T.device, step_noise=step_noises.__getitem__,
+            model_kwargs={"y": labels}, device=x_T.device, step_noise=step_noises.__getitem__, pxp=setting.pxp,
         )
         return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 

@@ -3,10 +3,14 @@
 Builds the official architectures from their README flags with seeded random weights (no
 download), and reports milliseconds per step, images per second and achieved TFLOP/s (FLOPs
 of one step counted by torch.utils.flop_counter) for every --pxp_mode, with the PixelAsParam
-overhead relative to plain ADM-G on the same model and inputs. On CUDA it also reports the
-fraction of the card's measured matrix-multiply rate in the same dtype.
+overhead relative to plain ADM-G on the same model and inputs, and the time of the direction
+combination alone: the fused combiner (the sampling path) and the general one (the reference).
+With --objectives N the guidance has N named objectives: the classifier and N - 1 cheap
+known-pixel pulls, each a direction of its own. On CUDA it also reports the fraction of the
+card's measured matrix-multiply rate in the same dtype.
 
     python benchmarks/sample_speed.py --arch 64 --batch_size 4 --modes none,cls_den,cls_den_div2
+    python benchmarks/sample_speed.py --arch quick --objectives 2
     python benchmarks/sample_speed.py --arch 256 --dtype bf16 --channels_last True --compile True
 """
 
@@ -20,7 +24,7 @@ import torch.utils.flop_counter as flop_counter
 from guided_diffusion import pixel_as_param as pxp
 from guided_diffusion.checkpoints import DEFAULTS, OFFICIAL, build, parse_flags
 from guided_diffusion.sampling_networks import classifier_guidance, speed_up
-from guided_diffusion.script_util import create_gaussian_diffusion, str2bool
+from guided_diffusion.script_util import create_diffusion, diffusion_defaults, randomize_zeroed_convs, str2bool
 
 # the CPU attention kernels, which torch's flop counter does not know (it counts the CUDA ones); it passes shapes
 _CPU_ATTENTION_FLOPS = {
@@ -53,12 +57,8 @@ def build_networks(arch, device, seed=0):
     model_flags, classifier_flags = official_flags(arch)
     model_flags = parse_flags(model_flags, DEFAULTS["model"]())
     torch.manual_seed(seed)
-    model = build("model", model_flags)
-    classifier = build("classifier", parse_flags(classifier_flags, DEFAULTS["classifier"]()))
-    for net in (model, classifier):
-        for module in net.modules():  # zero-initialised output layers would make whole paths constant
-            if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) and not module.weight.any():
-                module.reset_parameters()
+    model = randomize_zeroed_convs(build("model", model_flags))
+    classifier = randomize_zeroed_convs(build("classifier", parse_flags(classifier_flags, DEFAULTS["classifier"]())))
     return model.to(device).eval(), classifier.to(device).eval(), model_flags
 
 
@@ -110,9 +110,17 @@ def matmul_rate(device, dtype, n=8192, repeats=10):
     return 2 * n**3 / interleaved_medians({"matmul": lambda: a @ b}, device, 3, repeats)["matmul"]
 
 
+def guidance(classifier, scale, objectives, x):
+    """The guidance function timed: the classifier's, plus objectives - 1 pulls of x towards a known image."""
+    known = torch.zeros_like(x)
+    pulls = {f"known{k}": (lambda x_in, t, **_: known - x_in) for k in range(1, objectives)}
+    cls = classifier_guidance(classifier, scale)
+    return pxp.named_guidance(cls=cls, **pulls) if pulls else cls
+
+
 def time_modes(args):
-    """The timings: rows of (mode, seconds per guided step, seconds of the direction combination alone),
-    the dtype timed, the FLOPs of one step and, on CUDA, the matmul rate in that dtype."""
+    """The timings: rows of (mode, seconds per guided step, seconds of the fused combination alone, of the
+    general one), the dtype timed, the FLOPs of one step and, on CUDA, the matmul rate in that dtype."""
     device = torch.device(args.device)
     model, classifier, flags = build_networks(args.arch, device)
     size = flags["image_size"]
@@ -121,56 +129,54 @@ def time_modes(args):
     noise = torch.randn(x.shape, generator=gen).to(device)
     kwargs = {"y": torch.randint(0, flags["num_classes"], (args.batch_size,), generator=gen).to(device)}
     t = torch.full((args.batch_size,), args.timestep, device=device)
-    directions = pxp.Directions(*(torch.randn(x.shape, generator=gen).to(device) for _ in range(4)))
+    base, den, div, *objectives = (torch.randn(x.shape, generator=gen).to(device) for _ in range(3 + args.objectives))
+    directions = pxp.Directions(base, den, {f"g{k}": g for k, g in enumerate(objectives)}, div)
     modes = args.modes.split(",")
-    diffusions = {
-        mode: create_gaussian_diffusion(
-            steps=flags["diffusion_steps"], learn_sigma=flags["learn_sigma"], noise_schedule=flags["noise_schedule"],
-            timestep_respacing=args.timestep_respacing, pxp_mode=mode,
-        )
-        for mode in modes
-    }
+    configs = {mode: pxp.PxPConfig(mode=mode) for mode in modes}
+    diffusion = create_diffusion(**dict({k: flags[k] for k in diffusion_defaults()}, timestep_respacing=args.timestep_respacing))
 
-    def step(diffusion, model, classifier):
+    def step(config, model, classifier):
         with torch.no_grad():
-            cond_fn = classifier_guidance(classifier, args.classifier_scale)
-            diffusion.p_sample(model, x, t, cond_fn=cond_fn, model_kwargs=kwargs, noise=noise)
+            cond_fn = guidance(classifier, args.classifier_scale, args.objectives, x)
+            diffusion.p_sample(model, x, t, cond_fn=cond_fn, model_kwargs=kwargs, noise=noise, pxp=config)
 
     # counted in float32 and eager (the same FLOPs); the classifier gets a view of its input, not the leaf
     # itself: FlopCounterMode's module hooks break autograd.grad on leaves (pytorch/pytorch#131753)
-    flops = count_flops(lambda: step(diffusions[modes[0]], model, lambda x_in, t: classifier(x_in.view_as(x_in), t)))
+    flops = count_flops(lambda: step(configs[modes[0]], model, lambda x_in, t: classifier(x_in.view_as(x_in), t)))
     (model, classifier), dtype = prepare([model, classifier], args, device)
-    steps = interleaved_medians({m: (lambda d=d: step(d, model, classifier)) for m, d in diffusions.items()}, device, args.warmup, args.repeats)
-    combines = interleaved_medians(
-        {m: (lambda d=d: pxp.combine(directions, d.pxp)) for m, d in diffusions.items()}, device, args.warmup, max(args.repeats, 20)
-    )
-    rows = [(mode, steps[mode], combines[mode] if mode != "none" else 0.0) for mode in modes]
+    steps = interleaved_medians({m: (lambda c=c: step(c, model, classifier)) for m, c in configs.items()}, device, args.warmup, args.repeats)
+    combiners = {f"{kind} {m}": (lambda c=c, f=f: f(directions.base, directions.named(), c)) for m, c in configs.items()
+                 for kind, f in (("fused", pxp.combine_fused), ("general", pxp.combine_general))}
+    combines = interleaved_medians(combiners, device, args.warmup, max(args.repeats, 20))
+    rows = [(m, steps[m], combines[f"fused {m}"], combines[f"general {m}"]) for m in modes]
     return dict(rows=rows, dtype=dtype, flops=flops, peak=matmul_rate(device, dtype) if device.type == "cuda" else None)
 
 
 def format_table(args, timings):
     """A Markdown table of the timings, with the achieved FLOP rate and the PxP overhead against mode none."""
     rows, flops, peak = timings["rows"], timings["flops"], timings["peak"]
-    base = dict((mode, s) for mode, s, _ in rows).get("none")
+    base = dict((mode, s) for mode, s, *_ in rows).get("none")
     options = "".join([", channels_last" if args.channels_last else "", ", compiled" if args.compile else ""])
     title = (
         f"arch {args.arch}, batch {args.batch_size}, {args.device}, {timings['dtype']}{options}, t={args.timestep} of "
-        f"{args.timestep_respacing}, median of {args.repeats}; {flops / 1e9:.2f} GFLOP per step (UNet + classifier forward/backward)"
+        f"{args.timestep_respacing}, median of {args.repeats}; {args.objectives} guidance objective(s); "
+        f"{flops / 1e9:.2f} GFLOP per step (UNet + classifier forward/backward)"
     )
     if peak:
         title += f"; {timings['dtype']} matmul rate {peak / 1e12:.1f} TFLOP/s"
     lines = [
         title,
         "",
-        "| pxp_mode | ms/step | images/s | TFLOP/s |" + (" % of matmul rate |" if peak else "") + " vs none | combine alone (ms, % of step) |",
-        "| --- | ---: | ---: | ---: |" + (" ---: |" if peak else "") + " ---: | ---: |",
+        "| pxp_mode | ms/step | images/s | TFLOP/s |" + (" % of matmul rate |" if peak else "")
+        + " vs none | combine alone (ms, % of step) | general combiner (ms) |",
+        "| --- | ---: | ---: | ---: |" + (" ---: |" if peak else "") + " ---: | ---: | ---: |",
     ]
-    for mode, step_s, combine_s in rows:
+    for mode, step_s, fused_s, general_s in rows:
         overhead = f"{100 * (step_s / base - 1):+.1f}%" if base and mode != "none" else ""
-        combine = f"{1000 * combine_s:.3f} ({100 * combine_s / step_s:.2f}%)" if mode != "none" else ""
         fraction = f" {100 * flops / step_s / peak:.1f}% |" if peak else ""
         lines.append(
-            f"| {mode} | {1000 * step_s:.1f} | {args.batch_size / step_s:.2f} | {flops / step_s / 1e12:.3f} |{fraction} {overhead} | {combine} |"
+            f"| {mode} | {1000 * step_s:.1f} | {args.batch_size / step_s:.2f} | {flops / step_s / 1e12:.3g} |{fraction} {overhead} | "
+            f"{1000 * fused_s:.3f} ({100 * fused_s / step_s:.2f}%) | {1000 * general_s:.3f} |"
         )
     return "\n".join(lines)
 
@@ -187,6 +193,7 @@ def main(argv=None):
     parser.add_argument("--timestep_respacing", default="250")
     parser.add_argument("--timestep", type=int, default=125, help="respaced index of the timed step")
     parser.add_argument("--classifier_scale", type=float, default=1.0)
+    parser.add_argument("--objectives", type=int, default=1, help="guidance objectives: the classifier, then known-pixel pulls")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)

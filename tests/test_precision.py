@@ -1,8 +1,8 @@
 """Reduced precision agrees with float32 on a small model: autocast bf16 and fp16, and ADM's fp16 conversion.
 
-The model is sample_speed's quick architecture (32x32, 32 channels, attention at 16x16 and in
-the middle block) with seeded weights, on CUDA when present, else on the CPU (whose PyTorch
-kernels take float16 too). Errors are relative L2 norms, ||low - float32|| / ||float32||.
+The networks are a small UNet and classifier (32x32, 32 channels, attention at 16x16 and in
+the middle block; sample_speed's quick architecture) with seeded weights, on CUDA when present,
+else on the CPU (whose PyTorch kernels take float16 too). Errors are relative L2 norms, ||low - float32|| / ||float32||.
 
 Tolerances: a value rounded to bf16 keeps 8 significant bits (unit roundoff 2^-9, about
 2e-3), to fp16 11 bits (2^-12, about 2.4e-4). Through the network's ~20 layers the roundings
@@ -12,19 +12,16 @@ keeps the residual stream in fp16. The tolerances, 4e-2 and 7e-3, leave a margin
 """
 
 import copy
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from guided_diffusion.checkpoints import DEFAULTS, build, parse_flags
 from guided_diffusion.sampling_networks import classifier_guidance, speed_up
-from guided_diffusion.script_util import create_gaussian_diffusion
+from guided_diffusion.script_util import create_gaussian_diffusion, randomize_zeroed_convs
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import sample_speed  # noqa: E402
-
+MODEL = "--image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 16 --num_head_channels 32 --class_cond True --learn_sigma True"
+CLASSIFIER = "--image_size 32 --classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 8 --classifier_channel_mult 1,2"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {"bf16": 4e-2, "fp16": 7e-3}
 PRECISIONS = [pytest.param(dtype, method, id=f"{dtype}_{method}") for dtype, method in [("bf16", "autocast"), ("fp16", "autocast"), ("fp16", "conversion")]]
@@ -32,8 +29,9 @@ PRECISIONS = [pytest.param(dtype, method, id=f"{dtype}_{method}") for dtype, met
 
 @pytest.fixture(scope="module")
 def networks():
-    model, classifier, _ = sample_speed.build_networks("quick", DEVICE)
-    return model, classifier
+    torch.manual_seed(0)
+    nets = [randomize_zeroed_convs(build(kind, parse_flags(flags, DEFAULTS[kind]()))) for kind, flags in [("model", MODEL), ("classifier", CLASSIFIER)]]
+    return tuple(net.to(DEVICE).eval() for net in nets)
 
 
 @pytest.fixture(scope="module")
