@@ -57,9 +57,9 @@ branch of `projection_plan`; a new objective is a new entry of the guidance func
 
 Which steps use all this is one rule, `PxPConfig.step_kind`, for every sampler and guidance:
 outside `guidance_window` (`--guidance_window lo,hi`: guide only at lo <= t/T < hi, as in
-Kynkaanniemi et al. 2024) the step is unguided; outside `window` (`--pxp_window lo,hi`), or with
-mode none and the sgd optimizer, it is ADM's plain guided step, bit for bit; elsewhere its
-directions are combined. On the digits benchmark projecting only in the noisy half (0.5,1) kept
+Kynkaanniemi et al. 2024) the step is unguided (classifier-free: the conditional network alone,
+in one call); outside `window` (`--pxp_window lo,hi`), or with mode none and the sgd optimizer,
+it is ADM's plain guided step, bit for bit; elsewhere its directions are combined. On the digits benchmark projecting only in the noisy half (0.5,1) kept
 the accuracy gain per scale without the FID cost of projecting at low noise.
 
 The guidance directions can also be smoothed across steps like an optimizer's update
