@@ -26,6 +26,7 @@ def classifier_sample(*flags, cwd=ROOT):
     return proc
 
 
+@pytest.mark.slow
 def test_embedded_default_end_to_end(tmp_path):
     # the README's command with no flags, run from another folder; only the step count is cut for the test
     proc = classifier_sample("--timestep_respacing", 10, "--output", tmp_path, cwd=tmp_path)
@@ -46,6 +47,7 @@ def test_embedded_default_end_to_end(tmp_path):
 UNGUIDED_MAX, GUIDED_MIN = 0.3, 0.7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["digits_uncond.pt"])
 def test_guidance_hits_the_target_labels(model, tmp_path):
     accuracy = {}
@@ -60,6 +62,7 @@ def test_guidance_hits_the_target_labels(model, tmp_path):
     assert accuracy[0] < UNGUIDED_MAX and accuracy[4] > GUIDED_MIN, accuracy
 
 
+@pytest.mark.slow
 def test_tradeoff_benchmark_quick(tmp_path):
     out = tmp_path / "tradeoff"
     rows = guidance_tradeoff.main(["--quick", "--settings", "ADM-G,cls_den,cls_den_div2,ADM-G DDIM", "--out", str(out)])

@@ -277,6 +277,7 @@ def _start_script(server, directory, max_file_size=None):
     )
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_part_and_says_how_to_resume(server, tmp_path, tiny_manifest):
     server.stall_after = 50_000
     proc = _start_script(server, tmp_path)
@@ -295,6 +296,7 @@ def test_ctrl_c_keeps_the_part_and_says_how_to_resume(server, tmp_path, tiny_man
     assert server.requests[-1] == ("bytes=50000-", '"v1"') and (tmp_path / NAME).read_bytes() == BLOB
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_part_and_says_so(server, tmp_path, tiny_manifest):
     limit = 100_000
     proc = _start_script(server, tmp_path, max_file_size=limit)
@@ -308,6 +310,7 @@ def test_full_disk_keeps_the_part_and_says_so(server, tmp_path, tiny_manifest):
     assert server.requests[-1] == (f"bytes={len(kept)}-", '"v1"') and (tmp_path / NAME).read_bytes() == BLOB
 
 
+@pytest.mark.slow
 def test_unknown_name_lists_the_valid_ones(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(

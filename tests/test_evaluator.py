@@ -150,6 +150,7 @@ def test_frechet_distance_of_singular_identical_statistics_is_zero():
     assert abs(frechet_distance(*compute_statistics(acts), *compute_statistics(acts))) < 1e-4
 
 
+@pytest.mark.slow
 def test_metrics_import_without_torch_fidelity():
     code = (
         "import sys; from evaluations.evaluator import frechet_distance, compute_statistics, "
@@ -188,6 +189,7 @@ def batches(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_seeded_weights_have_the_real_layout_and_give_varied_features(weights, extractor):
     assert torch.load(weights).keys() == extractor.net.state_dict().keys()  # and it loaded strictly
     features = extractor(smooth_images(6, seed=4))
@@ -244,6 +246,7 @@ def test_fortran_ordered_images_are_read(tmp_path):
 # ---------------------------------------------------------------- the command line
 
 
+@pytest.mark.slow
 def test_cli_script_prints_five_results_and_json(batches, weights, tmp_path):
     out_json = tmp_path / "results.json"
     argv = [batches["ref"], batches["sample"], "--inception_path", weights, "--batch_size", 5, "--json", out_json]
@@ -261,6 +264,7 @@ def test_cli_script_prints_five_results_and_json(batches, weights, tmp_path):
     assert "img" in proc.stderr  # the progress bar
 
 
+@pytest.mark.slow
 def test_cli_script_reports_bad_input_in_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "evaluations/evaluator.py", str(tmp_path / "missing.npz"), str(tmp_path / "x.npz")],
@@ -272,6 +276,7 @@ def test_cli_script_reports_bad_input_in_one_line(tmp_path):
     one_line_error(proc.stderr, "missing.npz", "no such file")
 
 
+@pytest.mark.slow
 def test_fid_of_a_batch_with_itself_is_zero_and_grows_when_perturbed(batches, weights, capsys):
     status, out, _ = run_main(evaluator, [batches["ref"], batches["ref_compressed"], "--inception_path", weights], capsys)
     assert status == 0
@@ -283,6 +288,7 @@ def test_fid_of_a_batch_with_itself_is_zero_and_grows_when_perturbed(batches, we
     assert perturbed["FID"] > 0.1 and perturbed["sFID"] > 0.1  # self: ~1e-5; this: ~0.5 and ~3
 
 
+@pytest.mark.slow
 def test_precomputed_reference_statistics_are_used(batches, extractor, tmp_path):
     images = np.load(batches["ref"])["arr_0"]
     features = extractor(images)
@@ -398,6 +404,7 @@ def make_image_folder(root):
     return sorted(p for p in root.rglob("*") if p.suffix in (".png", ".JPG"))
 
 
+@pytest.mark.slow
 def test_make_ref_batch_from_folder(tmp_path, weights, extractor, capsys):
     paths = make_image_folder(tmp_path / "data")
     out = tmp_path / "ref.npz"
@@ -417,6 +424,7 @@ def test_make_ref_batch_from_folder(tmp_path, weights, extractor, capsys):
     assert set(read_statistics(out)) == {"pool", "spatial"}
 
 
+@pytest.mark.slow
 def test_make_ref_batch_from_npz_resizes(tmp_path, batches, weights, capsys):
     out = tmp_path / "ref16.npz"
     argv = [batches["ref"], out, "--image_size", 16, "--inception_path", weights]

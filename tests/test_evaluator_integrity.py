@@ -122,6 +122,7 @@ def test_make_ref_batch_refuses_an_object_array_unread(tmp_path, offline, capsys
     assert not marker.exists() and not (tmp_path / "out.npz").exists()
 
 
+@pytest.mark.slow
 def test_weights_without_batch_norm_counters_load_like_the_converted_file(tmp_path, weights, batches):
     # The released file (converted from TensorFlow) has no num_batches_tracked entries.
     full = torch.load(weights, weights_only=True)
@@ -241,6 +242,7 @@ def test_evaluator_ctrl_c_is_one_line(tmp_path, batches, weights, monkeypatch, c
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_evaluator_json_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, batches, weights, monkeypatch, capsys):
     results = tmp_path / "r.json"
     results.write_text("earlier results\n")

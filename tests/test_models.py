@@ -35,6 +35,7 @@ def test_respacing(spec):
     np.testing.assert_allclose(spaced.betas, npz("golden_models")[f"respace_betas/{spec}"], rtol=1e-12, atol=0)
 
 
+@pytest.mark.slow
 def test_official_64x64_flags_with_fp16_run_on_cpu(capsys):
     kind, flags = OFFICIAL["64x64_diffusion.pt"]
     flags = parse_flags(flags, DEFAULTS[kind]())

@@ -100,26 +100,39 @@ def _cfg_networks():
     return uncond, cond_net
 
 
-@pytest.mark.parametrize("w", [1, 3])
-@pytest.mark.parametrize("kind", ["cfg", "cfg_pxp", "cfg_pxp_w"])
-def test_classifier_free_steps_and_loops(kind, w, inputs):
-    x, kwargs = inputs
+def _classifier_free(kind, w):
+    """A classifier-free fixture's diffusion, unconditional network and guidance, and whether it projects."""
     settings = SAMPLING["cfg"][f"{kind}/w{w}"]
-    mode = "cls_den" if "den_weight" in settings else "none"
+    projects = "den_weight" in settings
     _, diffusion = golden_model_and_diffusion(
-        "unet_a", timestep_respacing="25", pxp_mode=mode,
+        "unet_a", timestep_respacing="25", pxp_mode="cls_den" if projects else "none",
         dweight=settings.get("den_weight", 1.0), cweight=settings.get("cond_weight", 1.0),
     )
     uncond, cond_net = _cfg_networks()
-    cfg = pxp.ClassifierFree(cond_model=cond_net, scale=settings["w_cond"])
+    return diffusion, uncond, pxp.ClassifierFree(cond_model=cond_net, scale=settings["w_cond"]), projects
+
+
+@pytest.mark.parametrize("w", [1, 3])
+@pytest.mark.parametrize("kind", ["cfg", "cfg_pxp", "cfg_pxp_w"])
+def test_classifier_free_steps(kind, w, inputs):
+    x, kwargs = inputs
+    diffusion, uncond, cfg, projects = _classifier_free(kind, w)
     for t in (24, 12, 0):
         with torch.no_grad():
             out = diffusion.p_sample(uncond, x, torch.full((3,), t), model_kwargs=kwargs, cfg=cfg, noise=step_noise("cfg", t))
         assert_close(out["sample"], gold(f"{kind}/w{w}/r25/t{t}/sample"))
-        assert ("pxp" in out) == (mode != "none")
+        assert ("pxp" in out) == projects
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("w", [1, 3])
+@pytest.mark.parametrize("kind", ["cfg", "cfg_pxp", "cfg_pxp_w"])
+def test_classifier_free_loops(kind, w, inputs):
+    x, kwargs = inputs
+    diffusion, uncond, cfg, projects = _classifier_free(kind, w)
     outputs = list(diffusion.p_sample_loop_progressive(uncond, x.shape, noise=x, model_kwargs=kwargs, cfg=cfg, device="cpu", step_noise=loop_noises("cfg/loop25")))
     assert_loop_matches(outputs, f"{kind}/w{w}/loop25/")
-    if mode != "none":
+    if projects:
         assert any(out["pxp"]["fired_cls_den"][:2].any() for out in outputs)  # the projection was exercised
 
 

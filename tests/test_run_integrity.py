@@ -67,6 +67,7 @@ def finished(models, tmp_path_factory):
 # 2. A finished output counts as done only if it is this run's.
 
 
+@pytest.mark.slow
 def test_output_carries_its_fingerprint(finished, models):
     out, _, _ = finished
     record = json.loads((out / f"{NAME}.npz.json").read_text())
@@ -81,6 +82,7 @@ def _sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+@pytest.mark.slow
 def test_rerun_with_other_settings_refuses(finished):
     out, flags, _ = finished
     proc = run("classifier_sample.py", *flags, "--seed", 8, status=2)
@@ -89,6 +91,7 @@ def test_rerun_with_other_settings_refuses(finished):
     assert "already sampled" in same.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["garbage", "folder"])
 def test_unreadable_output_is_never_done(models, tmp_path, what):
     path = tmp_path / "out.npz"
@@ -101,6 +104,7 @@ def test_unreadable_output_is_never_done(models, tmp_path, what):
 # 3, 4, 8. Resume: the same checkpoints and flags only, any batch size, Ctrl-C in one line.
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_only_with_the_same_checkpoints(models, finished, tmp_path):
     model = tmp_path / "model.pt"
     shutil.copy(models["cond"], model)
@@ -135,6 +139,7 @@ def test_interrupted_run_resumes_only_with_the_same_checkpoints(models, finished
     assert not partial.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_mpiexec_ends_every_rank_in_one_line(models, tmp_path):
     if shutil.which("mpiexec") is None:
         pytest.skip("mpiexec not found (pip install mpich)")
@@ -146,6 +151,7 @@ def test_ctrl_c_under_mpiexec_ends_every_rank_in_one_line(models, tmp_path):
     assert ours == [f"classifier_sample.py: interrupted: {saved} of 6 samples are saved in {partial}: run the same command to continue"]
 
 
+@pytest.mark.slow
 def test_overlapping_batches_take_each_sample_once(models, finished, tmp_path):
     # what two runs with other batch sizes leave behind: files that share samples
     partial = tmp_path / f"{NAME}.partial"
@@ -162,6 +168,7 @@ def test_overlapping_batches_take_each_sample_once(models, finished, tmp_path):
     np.testing.assert_array_equal(got["arr_1"], reference["arr_1"])
 
 
+@pytest.mark.slow
 def test_a_second_run_is_told_who_holds_the_progress_folder(models, tmp_path):
     partial = tmp_path / f"{NAME}.partial"
     partial.mkdir()
@@ -176,6 +183,7 @@ def test_a_second_run_is_told_who_holds_the_progress_folder(models, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_progress_left_by_a_kill_after_the_final_rename_is_removed(finished, tmp_path):
     out, flags, _ = finished
     stale = out / f"{NAME}.partial"
@@ -188,6 +196,7 @@ def test_progress_left_by_a_kill_after_the_final_rename_is_removed(finished, tmp
 # 6. Memory does not grow with --num_samples; the final .npz is streamed.
 
 
+@pytest.mark.slow
 def test_absurd_sample_count_is_refused(models, tmp_path):
     proc = subprocess.run(
         _command("classifier_sample.py", _flags(models, tmp_path, "--num_samples", "99999999999999999999")),
@@ -359,6 +368,7 @@ def bad_runs(models, tmp_path_factory):
         return dict(zip(cases, pool.map(one, cases)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [*BAD_FILES, *BAD_FLAGS])
 def test_bad_file_or_flag_is_one_line_before_any_sampling(bad_runs, case):
     proc, message = bad_runs[case]

@@ -109,6 +109,7 @@ def reference(models, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_reference_npz_layout(reference):
     out, _ = reference
     expected = _npz(out / "samples_5x16x16x3.npz")
@@ -118,6 +119,7 @@ def test_reference_npz_layout(reference):
     assert expected["arr_0"].std() > 10  # real images, not a constant
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size, ranks", [(3, 0), (2, 2)], ids=["batch_size_3", "mpiexec_2_ranks"])
 def test_same_samples_whatever_the_ranks_and_batch_size(models, reference, tmp_path, batch_size, ranks):
     if ranks and shutil.which("mpiexec") is None:
@@ -132,6 +134,7 @@ def test_same_samples_whatever_the_ranks_and_batch_size(models, reference, tmp_p
         assert step == pytest.approx(ref_step, abs=1e-6)  # the same sums, added in another order
 
 
+@pytest.mark.slow
 def test_bad_input_on_one_rank_ends_every_rank(models, tmp_path):
     if shutil.which("mpiexec") is None:
         pytest.skip("mpiexec not found (pip install mpich)")
@@ -166,6 +169,7 @@ def test_pxp_stats_json(reference):
     assert "(flags from " in proc.stdout and "saved 5 samples to" in proc.stdout
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_file(models, tmp_path):
     flags = _guided(models, tmp_path / "killed", "--num_samples", 6, "--timestep_respacing", 10, "--batch_size", 1)
     run("classifier_sample.py", *_guided(models, tmp_path / "whole", "--num_samples", 6, "--timestep_respacing", 10, "--batch_size", 3))
@@ -195,6 +199,7 @@ def test_killed_run_resumes_to_the_same_file(models, tmp_path):
     assert "already sampled: " in again.stdout and os.path.getmtime(tmp_path / "killed" / "samples_6x16x16x3.npz") == mtime
 
 
+@pytest.mark.slow
 def test_super_res_upsamples_base_samples_and_keeps_labels(models, tmp_path):
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
@@ -208,6 +213,7 @@ def test_super_res_upsamples_base_samples_and_keeps_labels(models, tmp_path):
     assert np.asarray(Image.open(tmp_path / "up" / "upsampled.png")).shape == (64, 4 * 64, 3)
 
 
+@pytest.mark.slow
 def test_classifier_free_sample(models, tmp_path):
     run("classifier_free_sample.py", "--model_path", models["uncond"], "--cond_model_path", models["cond"], "--cond_model_scale", 2,
         "--num_samples", 3, "--batch_size", 3, "--timestep_respacing", 4, "--seed", 1, "--output", tmp_path, "--pxp_stats", tmp_path / "cfg.json")
@@ -217,6 +223,7 @@ def test_classifier_free_sample(models, tmp_path):
     assert len(steps) == 4 and set(steps[0]) == {"t", "samples", "cos_den_cls", "fired_cls_den"}
 
 
+@pytest.mark.slow
 def test_image_sample_unconditional_fp16_flags_on_cpu_ddim(models, tmp_path):
     proc = run("image_sample.py", "--model_path", models["uncond"], "--use_fp16", "True", "--use_ddim", "True", "--eta", 0.5,
                "--num_samples", 2, "--timestep_respacing", 4, OPENAI_LOGDIR=str(tmp_path))
@@ -225,6 +232,7 @@ def test_image_sample_unconditional_fp16_flags_on_cpu_ddim(models, tmp_path):
     assert "fp16 needs CUDA; running in float32 on cpu" in proc.stdout
 
 
+@pytest.mark.slow
 def test_official_checkpoints_are_recognised_without_flags(tmp_path):
     model = _official_meta(tmp_path / "256x256_diffusion_uncond.pt", "256x256_diffusion_uncond.pt")
     classifier = _official_meta(tmp_path / "256x256_classifier.pt", "256x256_classifier.pt")
@@ -300,6 +308,7 @@ def error_runs(models, tmp_path_factory):
         return dict(zip(ERRORS, pool.map(one, ERRORS)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_bad_input_gives_one_line_and_status_2(error_runs, case):
     script, _, message = ERRORS[case]
@@ -314,6 +323,7 @@ def test_bad_input_gives_one_line_and_status_2(error_runs, case):
 # The newcomer's view (issue 14): where the samples go, what the run does, what each flag means.
 
 
+@pytest.mark.slow
 def test_default_output_is_found_again_and_failures_leave_no_folder(models, tmp_path):
     flags = ["--model_path", models["uncond"], "--num_samples", 2, "--timestep_respacing", 4, "--seed", 0]
     first = run("image_sample.py", *flags, cwd=tmp_path)
@@ -331,6 +341,7 @@ def test_default_output_is_found_again_and_failures_leave_no_folder(models, tmp_
     assert not list(failed.iterdir())  # no empty output folder left behind
 
 
+@pytest.mark.slow
 def test_banner_shows_the_effective_settings(tmp_path):
     # the embedded default's values give way to the typed ones, and the banner says so
     proc = run("classifier_sample.py", "--classifier_scale", 0, "--timestep_respacing", 10, "--num_samples", 4, "--labels", "1,7",
@@ -356,6 +367,7 @@ def test_every_flag_has_help_with_its_default_in_a_group(script):
     assert all(a.dest == "help" for a in parser._action_groups[1]._group_actions)
 
 
+@pytest.mark.slow
 def test_help_shows_the_description_as_written():
     proc = run("classifier_sample.py", "--help")
     assert "--model_path models/64x64_diffusion.pt \\\n        --classifier_path models/64x64_classifier.pt" in proc.stdout

@@ -57,7 +57,7 @@ def test_autocast_must_name_a_dtype():
         start(parser, ["--autocast", "fp8"])
 
 
-@pytest.mark.parametrize("flags", [("--channels_last", "True"), ("--compile", "True")], ids=["channels_last", "compile"])
+@pytest.mark.parametrize("flags", [("--channels_last", "True"), pytest.param(("--compile", "True"), marks=pytest.mark.slow)], ids=["channels_last", "compile"])
 def test_float32_options_keep_the_goldens_tolerance(checkpoints, inputs, flags):
     expected, got = outputs(checkpoints, inputs), outputs(checkpoints, inputs, *flags)
     assert got[0].is_contiguous()  # the UNet's output in the standard layout
@@ -76,6 +76,7 @@ def test_autocast_bf16_returns_float32_in_place_of_the_fp16_conversion(checkpoin
         assert ((actual - want).norm() / want.norm()).item() < 4e-2  # test_precision.py's bf16 tolerance
 
 
+@pytest.mark.slow
 def test_image_sample_with_speed_options(checkpoints, tmp_path):
     common = ["--model_path", checkpoints["model"], "--num_samples", 2, "--timestep_respacing", 4, "--seed", 3]
     run("image_sample.py", *common, "--output", tmp_path / "float32")

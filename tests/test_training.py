@@ -29,6 +29,7 @@ def _tiny(**overrides):
     ],
     ids=["mse", "hybrid", "kl"],
 )
+@pytest.mark.slow
 def test_losses_decrease(overrides, parts):
     model, diffusion = _tiny(**overrides)
     data = torch.randn(2, 3, 1, 1).repeat(1, 1, 8, 8).clamp(-1, 1)  # two flat-colour images

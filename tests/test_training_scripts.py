@@ -58,6 +58,7 @@ def digits(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_prepare_digits(digits):
     class_counts = {}
     for part, count in (("train", 1437), ("held_out", 360)):
@@ -72,6 +73,7 @@ def test_prepare_digits(digits):
     assert (np.abs(class_counts["held_out"] - 0.2 * total) <= 1).all()  # stratified
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install mpich)")
 def test_image_train_mpi_killed_run_resumes(digits, tmp_path):
     flags = [*TINY_MODEL, "--data_dir", digits / "held_out", "--random_flip", "False", "--batch_size", 4]
@@ -99,6 +101,7 @@ def test_image_train_mpi_killed_run_resumes(digits, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_classifier_train(digits, tmp_path):
     flags = ["--image_size", 8, "--num_classes", 10, "--classifier_channel_mult", "1,2", "--classifier_width", 32]
     flags += ["--classifier_depth", 1, "--classifier_attention_resolutions", 4, "--diffusion_steps", 20, "--noise_schedule", "cosine"]
@@ -113,6 +116,7 @@ def test_classifier_train(digits, tmp_path):
     load_with_sidecar(tmp_path / "ema_0.9999_000004.pt")
 
 
+@pytest.mark.slow
 def test_super_res_train(digits, tmp_path):
     flags = ["--large_size", 64, "--small_size", 32, "--num_channels", 32, "--num_res_blocks", 1, "--attention_resolutions", 8]
     flags += ["--diffusion_steps", 20, "--noise_schedule", "cosine", "--learn_sigma", "True", "--class_cond", "True", "--num_classes", 10]
@@ -123,6 +127,7 @@ def test_super_res_train(digits, tmp_path):
     load_with_sidecar(tmp_path / "model000002.pt")
 
 
+@pytest.mark.slow
 def test_image_nll(digits, tmp_path):
     flags = parse_flags(" ".join(TINY_MODEL), DEFAULTS["model"]())
     torch.manual_seed(0)
@@ -144,6 +149,7 @@ def test_image_nll(digits, tmp_path):
         ("image_nll", ["--data_dir", "/tmp"], "no --model_path given"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_one_line(name, flags, message, tmp_path):
     result = run_script(name, *flags, logdir=tmp_path)
     assert result.returncode == 2 and message in result.stderr
