@@ -113,15 +113,20 @@ def score(evaluator, reference, images, labels):
     )
 
 
-def run(args):
-    """(every (model, setting, scale, seed) point as a dict, the scores of the real train digits)."""
+def held_out_reference():
+    """(the digits evaluator, the held-out digits' features and statistics, the scores of the real train digits against them)."""
     evaluator = load_evaluator()
     held_out, _, _ = digits_split()["held_out"]
     features = evaluator(held_out)[0]
     mu, sigma = compute_statistics(features)
     reference = dict(features=features, mu=mu, sigma=sigma)
     train_images, train_labels, _ = digits_split()["train"]
-    baseline = score(evaluator, reference, train_images, torch.from_numpy(train_labels))
+    return evaluator, reference, score(evaluator, reference, train_images, torch.from_numpy(train_labels))
+
+
+def run(args):
+    """(every (model, setting, scale, seed) point as a dict, the scores of the real train digits)."""
+    evaluator, reference, baseline = held_out_reference()
     labels = torch.arange(args.num_samples) % 10
     rows = []
     for model_name in args.models:
