@@ -22,6 +22,7 @@ from .script_util import (
     create_classifier,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
+    pxp_defaults,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
     str2bool,
@@ -83,7 +84,7 @@ DEFAULTS = {"model": model_and_diffusion_defaults, "classifier": classifier_defa
 KIND_NAMES = {"model": "diffusion model", "sr": "super-resolution model", "classifier": "classifier"}
 
 # flags that choose how a network is sampled, not which network it is: kept out of sidecars
-SAMPLING_FLAGS = ("timestep_respacing", "pxp_mode", "dweight", "cweight", "pxp_optimizer", "pxp_window", "guidance_window", "pxp_bound")
+SAMPLING_FLAGS = ("timestep_respacing", *pxp_defaults())
 
 
 def parse_flags(flag_string, defaults):

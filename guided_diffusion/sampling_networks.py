@@ -127,9 +127,15 @@ def classifier_guidance(classifier, scale):
 
 
 def per_sample(fn):
-    """fn(x, t, **kwargs) evaluated one sample at a time, so a sample's result never depends on its batch."""
+    """fn(x, t, **kwargs) evaluated one sample at a time, so a sample's result never depends on its batch.
+
+    fn returns a tensor, or a dict of them (a guidance function with several named objectives).
+    """
 
     def call(x, t, **kwargs):
-        return th.cat([fn(x[i : i + 1], t[i : i + 1], **{k: v[i : i + 1] for k, v in kwargs.items()}) for i in range(len(x))])
+        parts = [fn(x[i : i + 1], t[i : i + 1], **{k: v[i : i + 1] for k, v in kwargs.items()}) for i in range(len(x))]
+        if isinstance(parts[0], dict):  # several named guidance objectives
+            return {name: th.cat([p[name] for p in parts]) for name in parts[0]}
+        return th.cat(parts)
 
     return call

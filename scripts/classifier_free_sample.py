@@ -10,14 +10,11 @@ default) projects the conditional x0 prediction and the guidance delta against e
 
 from guided_diffusion import harness, sampling
 from guided_diffusion.errors import UsageError
-from guided_diffusion.pixel_as_param import ClassifierFree
+from guided_diffusion.pixel_as_param import ClassifierFree, PxPConfig
 from guided_diffusion.sampling_flags import sampling_defaults, start
 from guided_diffusion.sampling_networks import Checkpoint, label_aware
 from guided_diffusion.sampling_output import Output
 from guided_diffusion.script_util import model_and_diffusion_defaults
-
-CFG_MODES = {"auto": "cls_den", "cls_den": "cls_den", "none": "none"}
-
 
 def model_defaults():
     """The flags of both networks (class_cond is fixed by each one's role), PixelAsParam's recipe by default."""
@@ -32,15 +29,15 @@ def create_argparser():
 
 def main():
     args, explicit = start(create_argparser())
-    if args.pxp_mode not in CFG_MODES:
-        raise UsageError(f"--pxp_mode {args.pxp_mode}: classifier-free guidance has no diversity projection; use none, cls_den or auto (= cls_den)")
+    mode = "cls_den" if args.pxp_mode == "auto" else args.pxp_mode  # the recipe of a conditional guide
+    PxPConfig(mode=mode).require(("den", "cls"), "classifier-free guidance")  # refused before any loading
     uncond = Checkpoint(args, explicit, "model_path", "model", dict(model_defaults(), class_cond=False))
     cond = Checkpoint(args, explicit, "cond_model_path", "model", dict(model_defaults(), class_cond=True))
     if uncond.flags["class_cond"] or not cond.flags["class_cond"]:
         raise UsageError(f"--model_path must be an unconditional model and --cond_model_path a class-conditional one ({uncond.path}, {cond.path})")
     cond.check_matches(uncond, "image_size", "diffusion_steps", "noise_schedule")
     size = uncond.flags["image_size"]
-    uncond.flags["pxp_mode"] = CFG_MODES[args.pxp_mode]
+    uncond.flags["pxp_mode"] = mode
     out = Output(args, args.num_samples, size, [uncond, cond])
     if not out.claim():
         return

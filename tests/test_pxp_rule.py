@@ -234,6 +234,18 @@ def test_several_objectives_in_a_step(inputs):
     assert torch.isfinite(ddim["sample"]).all() and "fired_cls_known" in ddim["pxp"]
 
 
+
+def test_several_objectives_one_sample_at_a_time(inputs):
+    """The driver's batch-invariant wrapper keeps a guidance function's named gradients apart."""
+    from guided_diffusion.sampling_networks import per_sample
+
+    both = pxp.named_guidance(cls=_pull(1.0), known=_pull(-0.5))
+    diffusion = _diffusion(pxp_mode="cls_den")
+    batched = _step(diffusion, inputs, 6, cond_fn=both)
+    one_by_one = _step(diffusion, inputs, 6, cond_fn=per_sample(both))
+    torch.testing.assert_close(one_by_one["sample"], batched["sample"], atol=1e-6, rtol=0)
+    assert set(one_by_one["pxp"]) == set(batched["pxp"])
+
 @pytest.mark.parametrize("ddim", [False, True])
 def test_guidance_window_guides_only_its_steps(inputs, ddim):
     windowed = _diffusion(pxp_mode="cls_den", guidance_window="0.5,1")

@@ -289,7 +289,7 @@ ERRORS = {
     "labels_word": ("image_sample.py", lambda m, d: ["--model_path", m["cond"], "--labels", "odd"], "--labels must be random, cycle or a comma list of class ids"),
     "classifier_free_div_mode": (
         "classifier_free_sample.py", lambda m, d: ["--model_path", m["uncond"], "--cond_model_path", m["cond"], "--pxp_mode", "cls_den_div2"],
-        "classifier-free guidance has no diversity projection"),
+        "pxp_mode cls_den_div2 projects against div, which classifier-free guidance does not have: use none or cls_den"),
 }
 
 
