@@ -25,10 +25,9 @@ import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
 
-from guided_diffusion.checkpoints import load_weights, parse_flags, sidecar_flags
+from guided_diffusion.checkpoints import load_weights, parse_flags, sidecar_flags, write_sidecar
 from guided_diffusion.digits import digits_split
 from guided_diffusion.errors import UsageError
-from guided_diffusion.train_util import write_sidecar
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "models" / "digits_evaluator.pt"
 NUM_CLASSES = 10

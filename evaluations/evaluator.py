@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from evaluations.inception import Features, InceptionFeatures
 from evaluations.metrics import compute_statistics, frechet_distance, inception_score, manifold_radii, precision_recall
-from evaluations.npz_io import InputError, atomic_output, check_output, open_images, read_statistics
+from guided_diffusion.npz_io import InputError, atomic_output, check_output, open_images, read_statistics
 
 __all__ = [  # the metric functions are re-exported for callers of this module
     "compute_statistics",

@@ -19,7 +19,7 @@ import torch
 from torch.hub import download_url_to_file
 
 from evaluations.metrics import default_device
-from evaluations.npz_io import InputError
+from guided_diffusion.npz_io import InputError
 from guided_diffusion.dist_util import load_model_state_dict
 from guided_diffusion.errors import UsageError
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from evaluations.evaluator import DEVICE_HELP, INCEPTION_PATH_HELP, positive_int
 from evaluations.inception import InceptionFeatures
 from evaluations.metrics import RunningStatistics
-from evaluations.npz_io import IMAGES, STATISTICS, InputError, atomic_npz, check_output, open_images
+from guided_diffusion.npz_io import IMAGES, STATISTICS, InputError, atomic_npz, check_output, open_images
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MIN_IMAGES = 2  # a covariance needs two images

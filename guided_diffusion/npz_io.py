@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from guided_diffusion.errors import UsageError
+from .errors import UsageError
 
 IMAGES = "arr_0"
 # Precomputed statistics a reference batch may carry: (mean, covariance) names and dimension.

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch.distributed as dist
 
-from evaluations.npz_io import InputError, atomic_npz, open_images
+from .npz_io import InputError, atomic_npz, open_images
 
 from . import harness, logger
 from .checkpoints import file_sha256

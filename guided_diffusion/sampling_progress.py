@@ -19,7 +19,7 @@ import zipfile
 
 import numpy as np
 
-from evaluations.npz_io import InputError, atomic_npz, open_images
+from .npz_io import InputError, atomic_npz, open_images
 
 from .errors import UsageError
 from .pixel_as_param import StepStats

@@ -31,7 +31,7 @@ from evaluations.metrics import (
     manifold_radii,
     precision_recall,
 )
-from evaluations.npz_io import open_images, read_statistics
+from guided_diffusion.npz_io import open_images, read_statistics
 
 RESULT_LINE = re.compile(r"^(Inception Score|FID|sFID|Precision|Recall): (\S+)$")
 

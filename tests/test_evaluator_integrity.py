@@ -15,7 +15,8 @@ from conftest import ROOT
 if str(ROOT) not in sys.path:  # `evaluations` is imported from the repository, not installed
     sys.path.insert(0, str(ROOT))
 
-from evaluations import digits_features, evaluator, inception, make_ref_batch, npz_io
+from evaluations import digits_features, evaluator, inception, make_ref_batch
+from guided_diffusion import npz_io
 
 
 class Marker:
