@@ -11,18 +11,22 @@ the server announced, loads as plain tensors (torch.load with weights_only=True)
 the keys and shapes of that official checkpoint; its SHA-256 is then printed and written to
 `<name>.sha256`. A failing file is never installed. After an interruption (exit status 1, or 130
 for Ctrl-C) the same command continues where it stopped: HTTP Range with If-Range, so that a file
-changed on the server since is fetched again from the start instead of being spliced.
+changed on the server since is fetched again from the start instead of being spliced. A second
+download of the same file while one runs is refused (a lock beside the .part names its process).
 """
 
 import argparse
+import fcntl
 import http.client
 import json
 import os
 import re
+import socket
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
@@ -111,14 +115,40 @@ def download(name, directory, url_template=DOWNLOAD_URL, timeout=60):
     """Download, verify and install one official checkpoint into directory (verified only, if there); returns its path."""
     check_names([name])
     path = os.path.join(directory, name)
-    if os.path.exists(path):
+    part = f"{path}.part"
+    with exclusive(part):
+        if not os.path.exists(path):
+            return _download_part(name, path, part, url_template, timeout)
         try:
             verify(path, official_manifest(name))
         except DownloadError as e:
             raise DownloadError(f"{path} is there but is not the official {name}: {e}; delete it and run again") from None
         print(f"{path} is already there (verified), sha256 {file_sha256(path)}")
         return path
-    part = f"{path}.part"
+
+
+@contextmanager
+def exclusive(part):
+    """Hold the lock `.<part>.lock` beside part (removed after), so two downloads of one checkpoint never write one .part."""
+    lock_path = os.path.join(os.path.dirname(part), f".{os.path.basename(part)}.lock")
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UsageError(f"{part} is being downloaded by {holder}: wait for it to end") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            os.remove(lock_path)  # while still held: a later run makes a fresh one
+
+
+def _download_part(name, path, part, url_template, timeout):
+    """Fetch (or resume) part, verify it and install it as path; returns path."""
     try:
         total = fetch(url_template.format(name=name), part, timeout, name)
     except KeyboardInterrupt:

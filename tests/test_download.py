@@ -334,3 +334,22 @@ def test_help_shows_every_default_and_the_examples_unmangled():
     for line in download.__doc__.splitlines():
         if line.startswith("    python "):
             assert line in text
+
+
+@pytest.mark.slow
+def test_a_second_download_of_the_same_file_is_refused_while_the_first_runs(server, tmp_path, tiny_manifest, capsys):
+    server.stall_after = 50_000
+    first = _start_script(server, tmp_path)
+    part = tmp_path / f"{NAME}.part"
+    deadline = time.time() + 120
+    while not (part.exists() and part.stat().st_size >= 50_000) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert _fetch(server, tmp_path) == 2
+    assert f"{part} is being downloaded by pid {first.pid} on host" in _error_line(capsys.readouterr().err)
+    assert part.read_bytes() == BLOB[:50_000]  # the second run wrote nothing
+    server.release.set()  # the stalled server then ends the first run's stream early
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 1 and "stopped at 50000" in err, err
+    server.stall_after = None
+    assert _fetch(server, tmp_path) == 0  # the lock went with the first run: this one resumes
+    assert (tmp_path / NAME).read_bytes() == BLOB and _leftovers(tmp_path) == [NAME, f"{NAME}.sha256"]
