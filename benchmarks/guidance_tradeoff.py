@@ -48,6 +48,9 @@ class Setting:
     ddim: bool = False
 
 
+BOUNDS = (0.5, 1.0, 2.0, 4.0)  # --pxp_bound KAPPA values swept
+
+
 def settings_for(recipe):
     """The settings swept for a model whose paper recipe is `recipe` (cls_den or cls_den_div2)."""
     noisy_half = (0.5, 1.0)  # steps with t >= T/2
@@ -67,7 +70,7 @@ def settings_for(recipe):
         Setting(f"{recipe} adam", PxPConfig(mode=recipe, optimizer="adam")),
         Setting(f"{recipe} t<T/2 only", PxPConfig(mode=recipe, window=(0.0, 0.5))),
         Setting(f"{recipe} t>=T/2 only", PxPConfig(mode=recipe, window=noisy_half)),
-        Setting(f"{recipe} bound 1", PxPConfig(mode=recipe, bound=1.0)),
+        *(Setting(f"{recipe} bound {kappa:g}", PxPConfig(mode=recipe, bound=kappa)) for kappa in BOUNDS),
         Setting(f"{recipe} bound 1 t>=T/2 only", PxPConfig(mode=recipe, bound=1.0, window=noisy_half)),
     ]
     return base + variants
@@ -84,18 +87,22 @@ class Sampler:
     """A digits model and the noisy classifier, sampled on one respaced schedule of the model's own diffusion."""
 
     def __init__(self, model_file, steps):
-        self.model, flags = load_with_sidecar(ROOT / "models" / model_file)
+        self.model, self.flags = load_with_sidecar(ROOT / "models" / model_file)
         self.classifier, _ = load_with_sidecar(ROOT / "models" / "digits_classifier.pt")
-        self.model_fn = label_aware(self.model, flags["class_cond"])
-        self.diffusion = create_diffusion(**dict({k: flags[k] for k in diffusion_defaults()}, timestep_respacing=str(steps)))
-        self.shape = (3, flags["image_size"], flags["image_size"])
+        self.model_fn = label_aware(self.model, self.flags["class_cond"])
+        self.diffusion = create_diffusion(**dict({k: self.flags[k] for k in diffusion_defaults()}, timestep_respacing=str(steps)))
+        self.shape = (3, self.flags["image_size"], self.flags["image_size"])
 
-    def sample(self, setting, scale, labels, x_T, step_noises):
-        """uint8 NHWC digits guided towards labels; step_noises[i] is the z of timestep index i."""
-        loop = self.diffusion.ddim_sample_loop if setting.ddim else self.diffusion.p_sample_loop
+    def guidance(self, scale):
+        """ADM-G's classifier guidance at scale (None at 0)."""
+        return classifier_guidance(self.classifier, scale) if scale else None
+
+    def sample(self, pxp, cond_fn, labels, x_T, step_noises, ddim=False):
+        """uint8 NHWC digits guided by cond_fn (labels: its y); step_noises[i] is the z of timestep index i."""
+        loop = self.diffusion.ddim_sample_loop if ddim else self.diffusion.p_sample_loop
         x = loop(
-            self.model_fn, x_T.shape, noise=x_T, cond_fn=classifier_guidance(self.classifier, scale) if scale else None,
-            model_kwargs={"y": labels}, device=x_T.device, step_noise=step_noises.__getitem__, pxp=setting.pxp,
+            self.model_fn, x_T.shape, noise=x_T, cond_fn=cond_fn,
+            model_kwargs={"y": labels}, device=x_T.device, step_noise=step_noises.__getitem__, pxp=pxp,
         )
         return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
@@ -142,7 +149,7 @@ def run(args):
                 todo = settings if scale else list({s.ddim: s for s in settings}.values())
                 for setting in todo:
                     started = time.time()
-                    images = sampler.sample(setting, scale, labels, x_T, step_noises)
+                    images = sampler.sample(setting.pxp, sampler.guidance(scale), labels, x_T, step_noises, setting.ddim)
                     seconds = time.time() - started
                     result = score(evaluator, reference, images, labels)
                     names = [setting.name] if scale else [s.name for s in settings if s.ddim == setting.ddim]
