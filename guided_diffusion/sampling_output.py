@@ -25,6 +25,7 @@ from .sampling_flags import NOT_IN_FINGERPRINT
 from .sampling_progress import Progress, differences, write_json
 
 _NETWORK_GROUPS = ("model", "classifier", "diffusion")  # the flags shown on a checkpoint's line of the banner
+GRID_BORDER, BORDER_GREY = 2, 128  # the PNG grid's lines around its cells: width in pixels, grey level
 
 
 class Output:
@@ -191,11 +192,12 @@ def _write_stats(stats_dict, path):
         logger.log(f"no plot: {e}")
 
 
-def save_grid(images, grid_size, path, min_tile=64):
+def save_grid(images, grid_size, path, min_tile=64, border=GRID_BORDER):
     """Tile the first grid_size x grid_size images of a uint8 NHWC array (fewer rows if fewer) into a PNG.
 
     Images smaller than min_tile pixels are enlarged by an integer factor (nearest neighbour),
-    so that 8x8 digits are big enough to look at.
+    so that 8x8 digits are big enough to look at. `border` pixels of mid grey separate the cells
+    and frame the grid (cells left empty are grey too).
     """
     from PIL import Image
 
@@ -205,8 +207,9 @@ def save_grid(images, grid_size, path, min_tile=64):
     zoom = max(1, min_tile // images.shape[1])
     tiles = images[:n].repeat(zoom, axis=1).repeat(zoom, axis=2)
     height, width = tiles.shape[1:3]
-    canvas = np.zeros((rows * height, cols * width, 3), dtype=np.uint8)
+    canvas = np.full((border + rows * (height + border), border + cols * (width + border), 3), BORDER_GREY, dtype=np.uint8)
     for k in range(n):
         r, c = divmod(k, cols)
-        canvas[r * height : (r + 1) * height, c * width : (c + 1) * width] = tiles[k]
+        top, left = border + r * (height + border), border + c * (width + border)
+        canvas[top : top + height, left : left + width] = tiles[k]
     Image.fromarray(canvas).save(path)

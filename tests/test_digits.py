@@ -11,6 +11,7 @@ from PIL import Image
 
 from conftest import ROOT
 from evaluations.digits_features import load_evaluator
+from guided_diffusion.sampling_output import GRID_BORDER
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -38,7 +39,7 @@ def test_embedded_default_end_to_end(tmp_path):
     assert images.shape == (16, 8, 8, 3) and images.dtype == np.uint8
     assert labels.tolist() == [*range(10), *range(6)]  # --labels cycle: some of each class
     grid = Image.open(tmp_path / "samples_16x8x8x3.png")
-    assert grid.size == (4 * 64, 4 * 64)  # 4x4 digits, enlarged to 64 pixels each
+    assert grid.size == (4 * 64 + 5 * GRID_BORDER,) * 2  # 4x4 digits, enlarged to 64 pixels each, lines between
 
 
 # Measured with the committed models and exactly these flags: 0.12 unguided (chance is 0.1),

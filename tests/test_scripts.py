@@ -25,6 +25,7 @@ from guided_diffusion import logger
 from guided_diffusion.checkpoints import DEFAULTS, OFFICIAL, build, parse_flags
 from guided_diffusion.flag_help import GROUPS
 from guided_diffusion.sampling_networks import Checkpoint
+from guided_diffusion.sampling_output import BORDER_GREY, GRID_BORDER
 from guided_diffusion.script_util import model_and_diffusion_defaults
 
 TINY = "--num_channels 32 --num_res_blocks 1 --attention_resolutions 8 --num_head_channels 32 --learn_sigma True --diffusion_steps 100 --noise_schedule cosine --num_classes 10"
@@ -150,11 +151,12 @@ def test_png_grid_of_the_first_samples(reference):
     out, _ = reference
     images = _npz(out / "samples_5x16x16x3.npz")["arr_0"]
     grid = np.asarray(Image.open(out / "samples_5x16x16x3.png"))
-    assert grid.shape == (2 * 64, 4 * 64, 3)  # 5 samples in rows of 4, enlarged 4x to tiles of 64 pixels
+    b, cell = GRID_BORDER, 64 + GRID_BORDER  # tiles of 64 pixels with a grey line around each
+    assert grid.shape == (b + 2 * cell, b + 4 * cell, 3)  # 5 samples in rows of 4, enlarged 4x
     tiles = images.repeat(4, axis=1).repeat(4, axis=2)
-    np.testing.assert_array_equal(grid[:64, 64:128], tiles[1])
-    np.testing.assert_array_equal(grid[64:, :64], tiles[4])
-    assert not grid[64:, 64:].any()
+    np.testing.assert_array_equal(grid[b : b + 64, b + cell : b + cell + 64], tiles[1])
+    np.testing.assert_array_equal(grid[b + cell : b + cell + 64, b : b + 64], tiles[4])
+    assert (grid[:b] == BORDER_GREY).all() and (grid[b + cell :, b + cell :] == BORDER_GREY).all()  # the frame, the empty cells
 
 
 def test_pxp_stats_json(reference):
@@ -210,7 +212,7 @@ def test_super_res_upsamples_base_samples_and_keeps_labels(models, tmp_path):
     got = _npz(out)
     assert got["arr_0"].shape == (4, 64, 64, 3) and got["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(got["arr_1"], [3, 1, 4, 3])  # sample i upsamples base image i mod 3
-    assert np.asarray(Image.open(tmp_path / "up" / "upsampled.png")).shape == (64, 4 * 64, 3)
+    assert np.asarray(Image.open(tmp_path / "up" / "upsampled.png")).shape == (64 + 2 * GRID_BORDER, 4 * 64 + 5 * GRID_BORDER, 3)
 
 
 @pytest.mark.slow
