@@ -11,8 +11,10 @@ feature space against the held-out digits, as mean and 95% confidence interval o
     python benchmarks/guidance_tradeoff.py                 # the README's numbers (about an hour: run the two models in parallel, one per core)
     python benchmarks/guidance_tradeoff.py --quick         # a smoke test
 
-It writes `<out>.md` (tables: every point; equal scale; equal accuracy), `<out>.png` (accuracy
-against FID, one curve per setting) and `<out>.json` (every seed's numbers).
+It writes `<out>.json` (every seed's numbers, rewritten after each point: it runs setting by
+setting, so a run stopped early keeps whole settings), then `<out>.md` (tables: equal accuracy;
+equal scale, every point) and `<out>.png` (accuracy against FID, one curve per setting).
+`--render a.json,b.json --out X` merges runs of one protocol into X.md and X.png.
 """
 
 import argparse
@@ -131,34 +133,68 @@ def held_out_reference():
     return evaluator, reference, score(evaluator, reference, train_images, torch.from_numpy(train_labels))
 
 
-def run(args):
-    """(every (model, setting, scale, seed) point as a dict, the scores of the real train digits)."""
+def run(args, save):
+    """Every (model, setting, scale, seed) point as a dict, setting by setting; save(rows, baseline) after each point.
+
+    Setting-major, so a run stopped early keeps whole settings. Without guidance every setting
+    of a sampler (DDPM or DDIM) is the same: its scale-0 point is sampled once and shared.
+    """
     evaluator, reference, baseline = held_out_reference()
     labels = torch.arange(args.num_samples) % 10
     rows = []
     for model_name in args.models:
         model_file, recipe, _ = MODELS[model_name]
         sampler = Sampler(model_file, args.steps)
-        settings = [s for s in settings_for(recipe) if not args.settings or s.name in args.settings]
-        for seed in range(args.seeds):
-            gen = torch.Generator().manual_seed(seed)
-            x_T = torch.randn(args.num_samples, *sampler.shape, generator=gen)
-            step_noises = [torch.randn(x_T.shape, generator=gen) for _ in range(args.steps)]
-            for scale in args.scales:
-                # without guidance every setting of a sampler is the same: sample it once per sampler
-                todo = settings if scale else list({s.ddim: s for s in settings}.values())
-                for setting in todo:
-                    started = time.time()
-                    images = sampler.sample(setting.pxp, sampler.guidance(scale), labels, x_T, step_noises, setting.ddim)
-                    seconds = time.time() - started
-                    result = score(evaluator, reference, images, labels)
-                    names = [setting.name] if scale else [s.name for s in settings if s.ddim == setting.ddim]
-                    for name in names:
-                        rows.append(dict(model=model_name, setting=name, scale=scale, seed=seed, seconds=seconds, **result))
-                    print(f"{model_name:13s} seed {seed} scale {scale:<4g} {', '.join(names)[:24]:24s} "
+        unguided = {}  # (ddim, seed) -> (result, seconds)
+        for setting in [s for s in settings_for(recipe) if not args.settings or s.name in args.settings]:
+            for seed in range(args.seeds):
+                gen = torch.Generator().manual_seed(seed)
+                x_T = torch.randn(args.num_samples, *sampler.shape, generator=gen)
+                step_noises = [torch.randn(x_T.shape, generator=gen) for _ in range(args.steps)]
+                for scale in args.scales:
+                    if scale == 0 and (setting.ddim, seed) in unguided:
+                        result, seconds = unguided[setting.ddim, seed]
+                    else:
+                        started = time.time()
+                        images = sampler.sample(setting.pxp, sampler.guidance(scale), labels, x_T, step_noises, setting.ddim)
+                        result, seconds = score(evaluator, reference, images, labels), time.time() - started
+                        if scale == 0:
+                            unguided[setting.ddim, seed] = result, seconds
+                    rows.append(dict(model=model_name, setting=setting.name, scale=scale, seed=seed, seconds=seconds, **result))
+                    save(rows, baseline)
+                    print(f"{model_name:13s} seed {seed} scale {scale:<4g} {setting.name[:24]:24s} "
                           f"acc {result['accuracy']:.3f} FID {result['fid']:7.2f} P {result['precision']:.3f} "
                           f"R {result['recall']:.3f} {seconds:5.1f} s", flush=True)
     return rows, baseline
+
+
+def merged(paths):
+    """(flags, baseline, rows) of several .json files this script wrote with one protocol (samples, seeds, steps).
+
+    A point in more than one file is kept once (the first). A setting run without scale 0 gets
+    the unguided points of its model, sampler and seed (every setting shares them). The rows are
+    ordered by model, then setting as `settings_for` lists them, then scale and seed.
+    """
+    saved = []
+    for path in paths:
+        with open(path) as f:
+            saved.append(json.load(f))
+    protocol = lambda flags: (flags["num_samples"], flags["seeds"], flags["steps"])  # noqa: E731
+    if len({protocol(s["flags"]) for s in saved}) > 1:
+        raise SystemExit(f"--render: {', '.join(paths)} were sampled with different --num_samples, --seeds or --steps")
+    rows = {}
+    for s in saved:
+        for row in s["rows"]:
+            rows.setdefault((row["model"], row["setting"], row["scale"], row["seed"]), row)
+    unguided = {(r["model"], r["setting"].endswith("DDIM"), r["seed"]): r for r in rows.values() if r["scale"] == 0}
+    for model, setting, _, seed in list(rows):
+        shared = unguided.get((model, setting.endswith("DDIM"), seed))
+        if shared:
+            rows.setdefault((model, setting, 0.0, seed), dict(shared, setting=setting))
+    order = {(m, setting.name): k for m, (_, recipe, _) in MODELS.items() for k, setting in enumerate(settings_for(recipe))}
+    models = list(MODELS)
+    key = lambda r: (models.index(r["model"]), order.get((r["model"], r["setting"]), len(order)), r["scale"], r["seed"])  # noqa: E731
+    return saved[0]["flags"], saved[0]["baseline"], sorted(rows.values(), key=key)
 
 
 def mean_ci(values):
@@ -288,21 +324,24 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=25, help="respaced sampling steps")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "guidance_tradeoff"))
     parser.add_argument("--quick", action="store_true", help="a smoke test: 40 samples, 5 steps, two scales, one seed")
-    parser.add_argument("--render", default="", help="a .json this script wrote: rewrite its table and plot, sampling nothing")
+    parser.add_argument("--render", default="", type=lambda s: [x for x in s.split(",") if x],
+                        help="comma list of .json files this script wrote: their points' table and plot to --out, sampling nothing")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_samples, args.seeds, args.steps, args.scales = 40, 1, 5, [0.0, 2.0]
     started = time.time()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     if args.render:
-        with open(args.render) as f:
-            saved = json.load(f)
-        args = argparse.Namespace(**saved["flags"])
-        rows, baseline = saved["rows"], saved["baseline"]
+        flags, baseline, rows = merged(args.render)
+        args = argparse.Namespace(**dict(flags, out=args.out))
     else:
-        rows, baseline = run(args)
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(f"{args.out}.json", "w") as f:
-            json.dump(dict(flags=vars(args), baseline=baseline, rows=rows), f, indent=1)
+
+        def save(rows, baseline):
+            with open(f"{args.out}.json.tmp", "w") as f:
+                json.dump(dict(flags=vars(args), baseline=baseline, rows=rows), f, indent=1)
+            os.replace(f"{args.out}.json.tmp", f"{args.out}.json")
+
+        rows, baseline = run(args, save)
     with open(f"{args.out}.md", "w") as f:
         f.write(markdown(rows, baseline, args))
     plot(rows, f"{args.out}.png")
