@@ -1,5 +1,6 @@
 """Gaussian diffusion (Ho et al. 2020) with learned variances (Nichol & Dhariwal 2021),
-classifier guidance (Dhariwal & Nichol 2021) and PixelAsParam guided steps.
+classifier guidance (Dhariwal & Nichol 2021), PixelAsParam guided steps, and the samplers
+DDPM, DDIM and DPM-Solver++ (2M and 2M SDE, `dpm_solver.py`) by name (`SAMPLERS`).
 
 Timesteps `t` passed to these methods are indices into this process (0 = the last step);
 networks and guidance functions receive `_scale_timesteps(t)`, which a respaced process
@@ -12,7 +13,7 @@ import math
 import numpy as np
 import torch as th
 
-from . import pixel_as_param
+from . import dpm_solver, pixel_as_param
 from .errors import UsageError
 from .pixel_as_param import DIRECTIONS, PLAIN, UNGUIDED, PxPConfig
 from .losses import discretized_gaussian_log_likelihood, normal_kl
@@ -62,6 +63,9 @@ class LossType(enum.Enum):
 
     def is_vb(self):
         return self in (LossType.KL, LossType.RESCALED_KL)
+
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
 
 
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
@@ -150,6 +154,8 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        # DPM-Solver++'s per-step coefficients, of the ODE (False) and the SDE (True)
+        self.dpm_coefficients = {sde: dpm_solver.coefficients(self.alphas_cumprod, sde) for sde in (False, True)}
 
     # ----------------------------------------------------------------- forward process
 
@@ -544,6 +550,134 @@ class GaussianDiffusion:
         """Yield each DDIM step's output, from t = T-1 down to 0; arguments as in p_sample_loop_progressive."""
         step_kwargs = dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta)
         return self._loop(self.ddim_sample, model, shape, noise, device, progress, step_noise, pxp, dict(step_kwargs, **_given(cfg=cfg)))
+
+    # ----------------------------------------------------------------- DPM-Solver++ sampling
+
+    def dpmpp_sample(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        previous_x0=None,
+        sde=False,
+        x0_threshold=dpm_solver.DEFAULT_THRESHOLD,
+        noise=None,
+        cfg=None,
+        guidance_state=None,
+        pxp=None,
+    ):
+        """One DPM-Solver++ step from index t to t-1 (`dpm_solver`; sde: 2M SDE's), one network evaluation.
+
+        Second order when previous_x0, the previous step's data prediction (its `pred_xstart`), is
+        given, else first order. A guided step's data prediction is x0 + (1 - a) / sqrt(a) * grad,
+        as condition_score makes it, bounded by x0_threshold ("none", "clip", "dynamic"); with cfg the
+        classifier-free x0, bounded likewise. Other arguments as in p_sample (noise: the SDE's z).
+        :return: dict with `sample`, `pred_xstart` (the data prediction the step used, guided) and,
+            for PixelAsParam steps, `pxp` statistics.
+        """
+        config, bound = self._config(pxp), dpm_solver.thresholder(x0_threshold)
+        kind = self._step_kind(config, t, cond_fn, cfg)
+        out = self._prediction(model, x, t, clip_denoised, denoised_fn, model_kwargs, cfg, kind, config, guidance_state)
+        coefs = self.dpm_coefficients[sde]
+        x_coef, data_coef, noise_coef = (_extract_into_tensor(c, t, x.shape) for c in (coefs.x, coefs.data, coefs.noise))
+        history = 0.0 if previous_x0 is None else _extract_into_tensor(coefs.history, t, x.shape)
+        if sde and noise is None:
+            noise = th.randn_like(x)
+        z = noise if sde else None
+        x0 = out["pred_xstart"].float()
+        if cond_fn is None or kind == UNGUIDED:
+            guided = bound(x0) if cfg is not None and kind != UNGUIDED else x0
+        else:
+            scale = _extract_into_tensor((1 - self.alphas_cumprod) / self.sqrt_alphas_cumprod, t, x.shape)
+            pulls = pixel_as_param.data_pulls(x0, cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {})), scale, bound)
+            guided = x0 + pixel_as_param.total_guidance(pulls)
+            if kind == DIRECTIONS:
+                directions = pixel_as_param.dpmpp_directions(x, x0, pulls, previous_x0, x_coef, data_coef, history, noise_coef, z)
+                sample, stats = pixel_as_param.combine(directions, config, guidance_state)
+                return {"sample": sample, "pred_xstart": guided, "pxp": stats}
+        sample = dpm_solver.update(x, dpm_solver.data_term(guided, previous_x0, history), x_coef, data_coef, noise_coef, z)
+        return _step_output(sample, dict(out, pred_xstart=guided))
+
+    def dpmpp_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        sde=False,
+        x0_threshold=dpm_solver.DEFAULT_THRESHOLD,
+        step_noise=None,
+        cfg=None,
+        pxp=None,
+    ):
+        """Generate samples with DPM-Solver++ 2M (sde: 2M SDE), one network evaluation a step; arguments as in p_sample_loop."""
+        final = None
+        for final in self.dpmpp_sample_loop_progressive(
+            model,
+            shape,
+            noise=noise,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            device=device,
+            progress=progress,
+            sde=sde,
+            x0_threshold=x0_threshold,
+            **_given(step_noise=step_noise, cfg=cfg, pxp=pxp),
+        ):
+            pass
+        return final["sample"]
+
+    def dpmpp_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        sde=False,
+        x0_threshold=dpm_solver.DEFAULT_THRESHOLD,
+        step_noise=None,
+        cfg=None,
+        pxp=None,
+    ):
+        """Yield each DPM-Solver++ step's output, from t = T-1 down to 0, each step given the previous one's
+        data prediction (first order at the first and the last step); arguments as in p_sample_loop_progressive."""
+        previous = {}
+
+        def step(model, x, t, **kwargs):
+            out = self.dpmpp_sample(model, x, t, previous_x0=previous.get("x0"), **kwargs)
+            previous["x0"] = out["pred_xstart"]
+            return out
+
+        step_kwargs = dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs)
+        step_kwargs.update(sde=sde, x0_threshold=x0_threshold, **_given(cfg=cfg))
+        return self._loop(step, model, shape, noise, device, progress, step_noise, pxp, step_kwargs)
+
+    def sample_loop_progressive(self, sampler, model, shape, eta=0.0, x0_threshold=dpm_solver.DEFAULT_THRESHOLD, **kwargs):
+        """The progressive loop of a sampler named in SAMPLERS, with its own option (eta: ddim's,
+        x0_threshold: the DPM-Solver++ ones'); kwargs as in p_sample_loop_progressive."""
+        if sampler == "ddpm":
+            return self.p_sample_loop_progressive(model, shape, **kwargs)
+        if sampler == "ddim":
+            return self.ddim_sample_loop_progressive(model, shape, eta=eta, **kwargs)
+        if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
+            return self.dpmpp_sample_loop_progressive(model, shape, sde=sampler == "dpmpp_2m_sde", x0_threshold=x0_threshold, **kwargs)
+        raise UsageError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
 
     # ----------------------------------------------------------------- training and likelihood
 

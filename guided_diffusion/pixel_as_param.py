@@ -20,6 +20,19 @@ Each sampler builds its directions here, next to its equations:
               + sigma * z                                          (div, zero at t = 0)
   and, as eps = (x_t / sqrt(a) - x0) / sqrt(1/a - 1), base's x0 part is
   den = [sqrt(a') - e / sqrt(1/a - 1)] * x0. With eta = 0, div is zero and never projects.
+- DPM-Solver++ (`dpmpp_directions`, beyond the paper; `dpm_solver.py`). A step is
+  x_{i-1} = A x_i + B D + N z with the solver's data term D = (1 + c) x0' - c x0_prev (x0_prev:
+  the previous step's guided data prediction, the solver's history; c = 0 at first order). The
+  guidance enters x0 as in ADM's condition_score, bounded by --x0_threshold (thr) per objective:
+  x0' = x0 + p with p = thr(x0 + (1 - a) / sqrt(a) * g) - x0. The step then expands to
+      x_{i-1} = A x_i + B [(1 + c) x0 - c x0_prev]                  (base)
+              + B (1 + c) * p                                      (cls)
+              + N z                                                (div: the SDE's noise, zero
+                                                                    for dpmpp_2m and at t = 0)
+  with den = B [(1 + c) x0 - c x0_prev], the part of base from the model's data predictions. At
+  first order (c = 0) this is DDIM's expansion with eta = 0 (dpmpp_2m) or eta = 1
+  (dpmpp_2m_sde), coefficient for coefficient. The history keeps the plain guided x0': a
+  projection changes the step, not the data estimate the next step extrapolates from.
 - Classifier-free guidance (`classifier_free_directions`), two networks (conditional c,
   unconditional u), on the x0 predictions: base = den = x0_c (clipped) and
   cls = delta = -w * (eps_c - eps_u) * sqrt(1/a - 1), so that plain guidance is
@@ -73,6 +86,7 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch as th
 
+from . import dpm_solver
 from .errors import UsageError
 
 MODES = ("none", "cls_den", "cls_den_div", "cls_den_div2")
@@ -238,6 +252,32 @@ def ddim_directions(x0, eps, alpha_bar, alpha_bar_prev, sqrt_recipm1, sigma, gra
         den=(th.sqrt(alpha_bar_prev) - e / sqrt_recipm1) * x0,
         cls=_each(gradient, lambda g: cls_coef * g.float()),
         div=nonzero * sigma * noise,
+    )
+
+
+def data_pulls(x0, gradient, scale, bound):
+    """What the guidance does to a data prediction, per objective: bound(x0 + scale * g) - x0 (bound: e.g. a threshold),
+    taken as scale * g itself wherever bound leaves x0 + scale * g alone (no rounding there)."""
+
+    def pull(g):
+        step = scale * g.float()
+        v = x0 + step
+        bounded = bound(v)
+        return th.where(bounded == v, step, bounded - x0)
+
+    return _each(gradient, pull)
+
+
+def dpmpp_directions(x, x0, pulls, previous_x0, x_coef, data_coef, history, noise_coef, noise):
+    """DPM-Solver++ (see the module docstring): base = A x + den, den = B [(1 + c) x0 - c x0_prev],
+    cls = B (1 + c) * pull (from `data_pulls`), div = N z (zero where noise is None: the ODE)."""
+    den = data_coef * dpm_solver.data_term(x0, previous_x0, history)
+    cls_coef = data_coef * (1 + history)
+    return Directions(
+        base=x_coef * x + den,
+        den=den,
+        cls=_each(pulls, lambda p: cls_coef * p),
+        div=th.zeros_like(x) if noise is None else noise_coef * noise,
     )
 
 
