@@ -136,11 +136,9 @@ def _sample_batch(args, task, indices):
             model, cond_fn = per_sample(model), cond_fn and per_sample(cond_fn)
             cfg = cfg and ClassifierFree(per_sample(cfg.cond_model), cfg.scale)
     diffusion = task.diffusion
-    loop = diffusion.ddim_sample_loop_progressive if args.use_ddim else diffusion.p_sample_loop_progressive
-    steps = loop(
-        model, (n, *task.shape), noise=noise, clip_denoised=args.clip_denoised, cond_fn=cond_fn,
-        model_kwargs=model_kwargs, device=device, step_noise=step_noise, cfg=cfg,
-        **(dict(eta=args.eta) if args.use_ddim else {}),
+    steps = diffusion.sample_loop_progressive(
+        args.sampler, model, (n, *task.shape), eta=args.eta, x0_threshold=args.x0_threshold, noise=noise,
+        clip_denoised=args.clip_denoised, cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, step_noise=step_noise, cfg=cfg,
     )
     stats, total = StepStats(), diffusion.num_timesteps
     for step, out in enumerate(steps, 1):

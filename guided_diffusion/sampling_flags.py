@@ -14,7 +14,9 @@ import tempfile
 import torch.distributed as dist
 
 from . import harness, logger
+from .dpm_solver import DEFAULT_THRESHOLD, THRESHOLDS
 from .errors import UsageError
+from .gaussian_diffusion import SAMPLERS
 from .sampling_networks import AUTOCAST_DTYPES
 
 MAX_SAMPLES = 10_000_000  # 200 times FID's 50,000; beyond it a run would take years and its .npz terabytes
@@ -30,8 +32,10 @@ def sampling_defaults():
         clip_denoised=True,
         num_samples=10000,
         batch_size=16,
+        sampler="ddpm",
         use_ddim=False,
         eta=0.0,
+        x0_threshold=DEFAULT_THRESHOLD,
         seed=None,
         labels="random",
         batch_invariant=True,
@@ -60,6 +64,7 @@ def start(parser, argv=None, embedded=None):
             print(f"no --model_path: sampling the embedded default ({', '.join(f'--{k} {v}' for k, v in embedded.items())})")
     args = parser.parse_args(argv)
     _check(args, parser.get_default("num_samples"))
+    args.sampler = resolve_sampler(args, explicit)
     harness.collective(lambda: dist.get_rank() == 0 and _make_folders(args), broadcast=True)
     logger.configure(dir=output_folder(args))
     return args, explicit
@@ -77,8 +82,6 @@ def _check(args, default_num_samples):
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be 0 or more (got {args.seed})")
     parse_labels(args.labels)
-    if args.eta and not args.use_ddim:
-        raise UsageError("--eta is DDIM's noise level: add --use_ddim True")
     if args.autocast and args.autocast not in AUTOCAST_DTYPES:
         raise UsageError(f"--autocast must be bf16, fp16 or empty for float32 (got {args.autocast!r})")
     if getattr(args, "timestep_respacing", ""):
@@ -86,6 +89,27 @@ def _check(args, default_num_samples):
     for flag, path in (("--output", args.output if args.output.endswith(".npz") else ""), ("--pxp_stats", getattr(args, "pxp_stats", ""))):
         if path and os.path.isdir(path):
             raise UsageError(f"{flag} {path} is a folder: name a file")
+
+
+def resolve_sampler(args, explicit=()):
+    """The sampler the flags ask for (--use_ddim True means ddim); UsageError for flags that contradict it.
+
+    :param explicit: the names of the flags typed (a typed --sampler ddpm contradicts --use_ddim True).
+    """
+    if args.sampler not in SAMPLERS:
+        raise UsageError(f"unknown --sampler {args.sampler!r}: use one of {', '.join(SAMPLERS)}")
+    sampler = args.sampler
+    if args.use_ddim:
+        if sampler != "ddim" and (sampler != "ddpm" or "sampler" in explicit):
+            raise UsageError(f"--use_ddim True and --sampler {sampler} contradict each other: drop --use_ddim (it means --sampler ddim)")
+        sampler = "ddim"
+    if args.eta and sampler != "ddim":
+        raise UsageError(f"--eta is DDIM's noise level, not {sampler}'s: add --sampler ddim (or --use_ddim True)")
+    if args.x0_threshold not in THRESHOLDS:
+        raise UsageError(f"unknown --x0_threshold {args.x0_threshold!r}: use one of {', '.join(THRESHOLDS)}")
+    if args.x0_threshold != DEFAULT_THRESHOLD and not sampler.startswith("dpmpp"):
+        raise UsageError(f"--x0_threshold bounds the guided x0 of the DPM-Solver++ samplers, not {sampler}'s: add --sampler dpmpp_2m or dpmpp_2m_sde")
+    return sampler
 
 
 def parse_labels(text):
