@@ -5,6 +5,7 @@ resolved by `checkpoints.resolve_flags` (defaults, then the checkpoint's own, th
 """
 
 import contextlib
+import os
 
 import torch as th
 import torch.nn as nn
@@ -18,6 +19,10 @@ from .respace import space_timesteps
 from .script_util import classifier_defaults, create_classifier, create_model_and_diffusion, sr_create_model_and_diffusion
 
 AUTOCAST_DTYPES = {"bf16": th.bfloat16, "fp16": th.float16}
+# below this many parameters a network's CPU ops are too small for a second thread to pay: on busy
+# cores its threads wait on each other (the embedded default's digits: 2 s with one thread, 25-44 s
+# with two while other jobs ran on the 2 cores)
+SMALL_NETWORK = 10_000_000
 
 
 class Checkpoint:
@@ -73,6 +78,8 @@ class Checkpoint:
             logger.log(f"{self.flag}: --autocast {self.args.autocast} in place of use_fp16's conversion")
         else:
             use_fp16_if_supported(net, use_fp16, dist_util.dev())
+        if dist_util.dev().type == "cpu" and "OMP_NUM_THREADS" not in os.environ and sum(p.numel() for p in net.parameters()) < SMALL_NETWORK:
+            th.set_num_threads(1)
         return speed_up(net.eval(), self.args.autocast, self.args.channels_last, self.args.compile), diffusion
 
 

@@ -84,3 +84,17 @@ def test_image_sample_with_speed_options(checkpoints, tmp_path):
     float32, bf16 = (_npz(tmp_path / name / "samples_2x16x16x3.npz")["arr_0"] for name in ("float32", "bf16"))
     assert bf16.shape == float32.shape == (2, 16, 16, 3)
     assert np.abs(bf16.astype(int) - float32).mean() < 2  # the same images, up to rounding in a few levels
+
+
+def test_a_small_network_on_the_cpu_takes_one_thread_unless_omp_num_threads_says(checkpoints, monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        load(checkpoints, "model")
+        assert torch.get_num_threads() == 2  # the user's setting stands
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        load(checkpoints, "model")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
