@@ -19,8 +19,9 @@ EXTRAS = {
     "plot": ["matplotlib"],
     "digits": ["scikit-learn"],
     "safetensors": ["safetensors"],
+    "test": ["pytest", "diffusers>=0.26"],  # diffusers: the peer of the DPM-Solver++ loops in tests/test_dpm_solver.py (0.26: final sigma zero)
 }
-EXTRAS["all"] = sorted({r for reqs in EXTRAS.values() for r in reqs} | {"pytest"})
+EXTRAS["all"] = sorted({r for reqs in EXTRAS.values() for r in reqs})
 
 setup(
     name="guided-diffusion-pxp",
