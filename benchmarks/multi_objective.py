@@ -27,8 +27,8 @@ reference for what the class guidance costs.
     python benchmarks/multi_objective.py                 # the README's table (about 50 minutes on 2 busy cores)
     python benchmarks/multi_objective.py --quick         # a smoke test
 
-It writes `<out>.md` (the table), `<out>.png` (accuracy against known-half error and against FID,
-one curve per setting) and `<out>.json` (every seed's numbers).
+It writes `<out>.json` (every seed's numbers, rewritten after each point), then `<out>.md` (the
+table) and `<out>.png` (accuracy against known-half error and against FID, one curve per setting).
 """
 
 import argparse
@@ -116,8 +116,8 @@ def known_mse(images, known, mask):
     return float(((samples - target) ** 2 * mask).sum() / mask.sum())
 
 
-def run(args):
-    """Every (setting, known weight, seed) point as a dict."""
+def run(args, save):
+    """Every (known weight, setting, seed) point as a dict, in that order; save(rows) after each point."""
     evaluator = load_evaluator()
     train_images, _, _ = digits_split()["train"]
     features = evaluator(train_images)[0]
@@ -127,21 +127,21 @@ def run(args):
     schedule = get_named_beta_schedule(sampler.flags["noise_schedule"], sampler.flags["diffusion_steps"])
     known, mask, targets, _ = inpainting_task(args.num_samples)
     alphas_cumprod = np.cumprod(1.0 - schedule)
-    settings = [s for s in SETTINGS if not args.settings or s.name in args.settings]
     rows = []
-    for seed in range(args.seeds):
-        gen = torch.Generator().manual_seed(seed)
-        x_T = torch.randn(args.num_samples, *sampler.shape, generator=gen)
-        step_noises = [torch.randn(x_T.shape, generator=gen) for _ in range(args.steps)]
-        for weight in args.known_weights:
-            known_fn = known_pixels_guidance(known, mask, alphas_cumprod, weight)
-            for setting in settings:
+    for weight in args.known_weights:
+        known_fn = known_pixels_guidance(known, mask, alphas_cumprod, weight)
+        for setting in [s for s in SETTINGS if not args.settings or s.name in args.settings]:
+            cond_fn = guidance_for(setting, classifier_guidance(sampler.classifier, args.scale), known_fn)
+            for seed in range(args.seeds):
+                gen = torch.Generator().manual_seed(seed)
+                x_T = torch.randn(args.num_samples, *sampler.shape, generator=gen)
+                step_noises = [torch.randn(x_T.shape, generator=gen) for _ in range(args.steps)]
                 started = time.time()
-                cond_fn = guidance_for(setting, classifier_guidance(sampler.classifier, args.scale), known_fn)
                 images = sampler.sample(setting.pxp, cond_fn, targets, x_T, step_noises)
                 result = dict(score(evaluator, reference, images, targets), known_mse=known_mse(images, known, mask))
                 rows.append(dict(setting=setting.name, known_weight=weight, seed=seed, seconds=time.time() - started, **result))
-                print(f"seed {seed} w {weight:<4g} {setting.name:32s} acc {result['accuracy']:.3f} "
+                save(rows)
+                print(f"w {weight:<4g} {setting.name:32s} seed {seed} acc {result['accuracy']:.3f} "
                       f"MSE {result['known_mse']:.4f} FID {result['fid']:7.2f} {rows[-1]['seconds']:5.1f} s", flush=True)
     return rows
 
@@ -204,10 +204,14 @@ def main(argv=None):
     if args.quick:
         args.num_samples, args.seeds, args.steps, args.known_weights = 20, 1, 5, [1.0]
     started = time.time()
-    rows = run(args)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(f"{args.out}.json", "w") as f:
-        json.dump(dict(flags=vars(args), rows=rows), f, indent=1)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+
+    def save(rows):
+        with open(f"{args.out}.json.tmp", "w") as f:
+            json.dump(dict(flags=vars(args), rows=rows), f, indent=1)
+        os.replace(f"{args.out}.json.tmp", f"{args.out}.json")
+
+    rows = run(args, save)
     with open(f"{args.out}.md", "w") as f:
         f.write(markdown(rows, args))
     plot(rows, f"{args.out}.png")
