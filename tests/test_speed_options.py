@@ -27,9 +27,10 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def inputs():
+def inputs(device):
+    """x, t, y on the device the scripts' networks load to (the GPU when there is one)."""
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(2, 3, 16, 16, generator=gen), torch.tensor([3, 60]), torch.tensor([1, 7])
+    return tuple(v.to(device) for v in (torch.randn(2, 3, 16, 16, generator=gen), torch.tensor([3, 60]), torch.tensor([1, 7])))
 
 
 def load(checkpoints, kind, *flags):
