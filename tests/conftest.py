@@ -25,3 +25,21 @@ def device():
         return torch.device("cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The tiny checkpoints (with sidecars) the script tests run on, and their folder (see script_runs)."""
+    from script_runs import CLASSIFIER, MODEL, UPSAMPLER, save_checkpoint
+
+    d = tmp_path_factory.mktemp("models")
+    nan_bias = lambda sd: sd["out.2.bias"].fill_(float("nan"))  # noqa: E731
+    return dict(
+        cond=save_checkpoint(d / "cond.pt", "model", f"{MODEL} --class_cond True", 0),
+        uncond=save_checkpoint(d / "uncond.pt", "model", f"{MODEL} --class_cond False", 1),
+        clf=save_checkpoint(d / "clf.pt", "classifier", f"--image_size 16 {CLASSIFIER}", 2),
+        clf32=save_checkpoint(d / "clf32.pt", "classifier", f"--image_size 32 {CLASSIFIER}", 3),
+        sr=save_checkpoint(d / "sr.pt", "sr", UPSAMPLER, 4),
+        nan=save_checkpoint(d / "nan.pt", "model", f"{MODEL} --class_cond True", 0, edit=nan_bias),
+        dir=d,
+    )

@@ -4,7 +4,6 @@ The steps run the small digits models of models/ (8x8, learned sigma) on a few s
 """
 
 import argparse
-import math
 import subprocess
 import sys
 

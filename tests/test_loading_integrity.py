@@ -7,7 +7,7 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.errors import UsageError
-from test_training import train_loop
+from training_runs import train_loop
 
 
 class _RunsCode:

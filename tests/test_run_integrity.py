@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -29,19 +28,20 @@ import torch.distributed as dist
 from guided_diffusion import dist_util, logger
 from guided_diffusion.errors import UsageError
 from guided_diffusion.pixel_as_param import StepStats
-from test_scripts import MODEL, _command, _env, _guided, _npz, _save, models, run  # noqa: F401 (models is a fixture)
+from script_runs import MODEL, guided_flags, read_npz, run, save_checkpoint, script_command, script_env
+
 
 NAME = "samples_6x16x16x3"
 
 
 def _flags(models, out, *extra):
     """classifier_sample.py's flags for 6 seeded samples, one per batch, slow enough to interrupt after the first."""
-    return _guided(models, out, "--num_samples", 6, "--batch_size", 1, "--timestep_respacing", 10, *extra)
+    return guided_flags(models, out, "--num_samples", 6, "--batch_size", 1, "--timestep_respacing", 10, *extra)
 
 
 def _interrupt(command, partial, group=False):
     """Start a command, send SIGINT once its first batch is saved (to its process group if group); (status, stdout, stderr)."""
-    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(command, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while proc.poll() is None and not list(partial.glob("from_*.npz")) and time.time() < deadline:
         time.sleep(0.005)
@@ -61,7 +61,7 @@ def finished(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished")
     flags = _flags(models, out, "--batch_size", 3)
     run("classifier_sample.py", *flags)
-    return out, flags, _npz(out / f"{NAME}.npz")
+    return out, flags, read_npz(out / f"{NAME}.npz")
 
 
 # 2. A finished output counts as done only if it is this run's.
@@ -113,7 +113,7 @@ def test_interrupted_run_resumes_only_with_the_same_checkpoints(models, finished
     flags = _flags(models, tmp_path / "out", "--model_path", model)
     partial = tmp_path / "out" / f"{NAME}.partial"
 
-    status, _, err = _interrupt(_command("classifier_sample.py", flags), partial)
+    status, _, err = _interrupt(script_command("classifier_sample.py", flags), partial)
     assert status == 130 and "Traceback" not in err, err
     saved = len(list(partial.glob("from_*.npz")))
     assert 1 <= saved < 6
@@ -122,7 +122,7 @@ def test_interrupted_run_resumes_only_with_the_same_checkpoints(models, finished
     )
     assert "--batch_size" not in json.loads((partial / "run.json").read_text())
 
-    _save(model, "model", f"{MODEL} --class_cond True", seed=5)  # another model, same flags, at the same path
+    save_checkpoint(model, "model", f"{MODEL} --class_cond True", seed=5)  # another model, same flags, at the same path
     proc = run("classifier_sample.py", *flags, status=2)
     assert f"{partial} holds an unfinished run with other flags (--model_path sha256 " in _last_line(proc)
     shutil.copy(models["cond"], model)
@@ -133,7 +133,7 @@ def test_interrupted_run_resumes_only_with_the_same_checkpoints(models, finished
     shutil.copy(f"{models['cond']}.json", sidecar)
 
     run("classifier_sample.py", *flags, "--batch_size", 4)  # another batch size continues the same progress
-    got, expected = _npz(tmp_path / "out" / f"{NAME}.npz"), finished[2]
+    got, expected = read_npz(tmp_path / "out" / f"{NAME}.npz"), finished[2]
     np.testing.assert_array_equal(got["arr_0"], expected["arr_0"])
     np.testing.assert_array_equal(got["arr_1"], expected["arr_1"])
     assert not partial.exists()
@@ -144,7 +144,7 @@ def test_ctrl_c_under_mpiexec_ends_every_rank_in_one_line(models, tmp_path):
     if shutil.which("mpiexec") is None:
         pytest.skip("mpiexec not found (pip install mpich)")
     partial = tmp_path / f"{NAME}.partial"
-    status, _, err = _interrupt(_command("classifier_sample.py", _flags(models, tmp_path), mpi=2), partial, group=True)
+    status, _, err = _interrupt(script_command("classifier_sample.py", _flags(models, tmp_path), mpi=2), partial, group=True)
     assert status == 130 and "Traceback" not in err, err
     ours = [line for line in err.splitlines() if line.startswith("classifier_sample.py:")]
     saved = sum(len(np.load(p)["index"]) for p in partial.glob("from_*.npz"))
@@ -156,14 +156,14 @@ def test_overlapping_batches_take_each_sample_once(models, finished, tmp_path):
     # what two runs with other batch sizes leave behind: files that share samples
     partial = tmp_path / f"{NAME}.partial"
     flags = _flags(models, tmp_path)
-    _interrupt(_command("classifier_sample.py", flags), partial)
+    _interrupt(script_command("classifier_sample.py", flags), partial)
     reference = finished[2]
     first = sorted(partial.glob("from_*.npz"))[0]
     shutil.copy(first, partial / "from_000000099.npz")  # the same batch twice
     stats = np.array(json.dumps({"sums": {}, "counts": {}}))
     np.savez(partial / "from_000000098.npz", arr_0=reference["arr_0"][:3], arr_1=reference["arr_1"][:3], index=np.arange(3), stats=stats)
     run("classifier_sample.py", *flags)
-    got = _npz(tmp_path / f"{NAME}.npz")
+    got = read_npz(tmp_path / f"{NAME}.npz")
     np.testing.assert_array_equal(got["arr_0"], reference["arr_0"])
     np.testing.assert_array_equal(got["arr_1"], reference["arr_1"])
 
@@ -199,8 +199,8 @@ def test_progress_left_by_a_kill_after_the_final_rename_is_removed(finished, tmp
 @pytest.mark.slow
 def test_absurd_sample_count_is_refused(models, tmp_path):
     proc = subprocess.run(
-        _command("classifier_sample.py", _flags(models, tmp_path, "--num_samples", "99999999999999999999")),
-        capture_output=True, text=True, env=_env(), timeout=120,
+        script_command("classifier_sample.py", _flags(models, tmp_path, "--num_samples", "99999999999999999999")),
+        capture_output=True, text=True, env=script_env(), timeout=120,
     )
     assert proc.returncode == 2
     assert "--num_samples must be positive and at most 10,000,000 (got 99999999999999999999)" in _last_line(proc)
@@ -253,7 +253,7 @@ def test_final_npz_is_streamed_from_the_saved_batches(one_rank, tmp_path):
     assert peak_growth < total / 4, (peak_growth, total)  # the whole array (24 MB) is never in memory
     with zipfile.ZipFile(out.path) as archive:
         assert archive.getinfo("arr_0.npy").compress_type == zipfile.ZIP_STORED
-    got = _npz(out.path)
+    got = read_npz(out.path)
     np.testing.assert_array_equal(got["arr_0"][1234], _batch(1232, batch, size)["images"][2])
     np.testing.assert_array_equal(got["arr_1"], np.arange(num) % 10)
 
@@ -338,7 +338,7 @@ def _tiny(models, d):
 BAD_FLAGS = {
     "respacing_zero": (lambda m, d: [*_tiny(m, d), "--timestep_respacing", 0], "--timestep_respacing must be a positive step count (250), counts per section (10,20) or ddimN (got '0')"),
     "respacing_negative": (lambda m, d: [*_tiny(m, d), "--timestep_respacing", -5], "(got '-5')"),
-    "pxp_stats_folder": (lambda m, d: [*_tiny(m, d), "--pxp_stats", d], f"--pxp_stats {{d}} is a folder: name a file"),
+    "pxp_stats_folder": (lambda m, d: [*_tiny(m, d), "--pxp_stats", d], "--pxp_stats {d} is a folder: name a file"),
     "checkpoint_folder": (lambda m, d: [*_tiny(m, d), "--model_path", d], "checkpoint {d} is a directory"),
     "safetensors_header": (lambda m, d: [*_tiny(m, d), "--model_path", _garbage(d / "bad.safetensors")], "bad .safetensors header"),
     "output_folder_at_npz_name": (lambda m, d: [*_tiny(m, d), "--num_samples", 6, "--output", _folder(d / f"{NAME}.npz").parent],
@@ -351,7 +351,7 @@ def bad_runs(models, tmp_path_factory):
     """classifier_sample.py with each bad progress file and each bad flag, two at a time."""
     d = tmp_path_factory.mktemp("bad")
     interrupted = d / "interrupted" / f"{NAME}.partial"
-    _interrupt(_command("classifier_sample.py", _flags(models, d / "interrupted")), interrupted)
+    _interrupt(script_command("classifier_sample.py", _flags(models, d / "interrupted")), interrupted)
 
     def one(case):
         (d / case).mkdir(exist_ok=True)
@@ -360,7 +360,7 @@ def bad_runs(models, tmp_path_factory):
         else:
             make_flags, message = BAD_FLAGS[case]
             flags, message = make_flags(models, d / case), message.format(d=d / case)
-        proc = subprocess.run(_command("classifier_sample.py", flags), capture_output=True, text=True, env=_env(), timeout=300)
+        proc = subprocess.run(script_command("classifier_sample.py", flags), capture_output=True, text=True, env=script_env(), timeout=300)
         return proc, message
 
     cases = [*BAD_FILES, *BAD_FLAGS]

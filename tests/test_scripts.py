@@ -11,109 +11,35 @@ import re
 import runpy
 import shutil
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import ROOT
 from guided_diffusion import logger
-from guided_diffusion.checkpoints import DEFAULTS, OFFICIAL, build, parse_flags
+from guided_diffusion.checkpoints import OFFICIAL, parse_flags
 from guided_diffusion.flag_help import GROUPS
 from guided_diffusion.sampling_networks import Checkpoint
 from guided_diffusion.sampling_output import BORDER_GREY, GRID_BORDER
 from guided_diffusion.script_util import model_and_diffusion_defaults
-
-TINY = "--num_channels 32 --num_res_blocks 1 --attention_resolutions 8 --num_head_channels 32 --learn_sigma True --diffusion_steps 100 --noise_schedule cosine --num_classes 10"
-MODEL = f"--image_size 16 --channel_mult 1,2 {TINY}"
-CLASSIFIER = "--num_classes 10 --classifier_width 32 --classifier_depth 1 --classifier_channel_mult 1,2 --classifier_attention_resolutions 8"
-UPSAMPLER = f"--large_size 64 --small_size 16 --class_cond True {TINY}"
-
-
-def _save(path, kind, flags, seed, sidecar=True, edit=None):
-    """A network with seeded N(0, 0.05) weights (the UNet's zero-initialised layers too), saved with its sidecar."""
-    torch.manual_seed(seed)
-    net = build(kind, parse_flags(flags, DEFAULTS[kind]()))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.05)
-    state_dict = net.state_dict()
-    if edit:
-        edit(state_dict)
-    torch.save(state_dict, path)
-    if sidecar:
-        (path.parent / f"{path.name}.json").write_text(json.dumps({"kind": kind, "flags": flags}))
-    return str(path)
-
-
-def _official_meta(path, name):
-    """A state dict with the official checkpoint's keys and shapes but no data (meta tensors): a few kB."""
-    kind, flags = OFFICIAL[name]
-    with torch.device("meta"):
-        torch.save(build(kind, parse_flags(flags, DEFAULTS[kind]())).state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models")
-    nan_bias = lambda sd: sd["out.2.bias"].fill_(float("nan"))  # noqa: E731
-    return dict(
-        cond=_save(d / "cond.pt", "model", f"{MODEL} --class_cond True", 0),
-        uncond=_save(d / "uncond.pt", "model", f"{MODEL} --class_cond False", 1),
-        clf=_save(d / "clf.pt", "classifier", f"--image_size 16 {CLASSIFIER}", 2),
-        clf32=_save(d / "clf32.pt", "classifier", f"--image_size 32 {CLASSIFIER}", 3),
-        sr=_save(d / "sr.pt", "sr", UPSAMPLER, 4),
-        nan=_save(d / "nan.pt", "model", f"{MODEL} --class_cond True", 0, edit=nan_bias),
-        dir=d,
-    )
-
-
-def _command(script, flags, mpi=0):
-    command = [sys.executable, str(ROOT / "scripts" / script), *map(str, flags)]
-    return ["mpiexec", "-n", str(mpi), *command] if mpi else command
-
-
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "OPENAI_LOGDIR"}
-    return dict(env, OMP_NUM_THREADS="1", **extra)
-
-
-def run(script, *flags, mpi=0, status=0, cwd=None, **env):
-    """Run a script (in cwd); assert its exit status; returns the CompletedProcess."""
-    proc = subprocess.run(_command(script, flags, mpi), capture_output=True, text=True, env=_env(**env), timeout=300, cwd=cwd)
-    assert proc.returncode == status, proc.stdout + proc.stderr
-    return proc
-
-
-def _guided(models, out, *extra):
-    return [
-        "--model_path", models["cond"], "--classifier_path", models["clf"], "--classifier_scale", 5, "--num_samples", 5,
-        "--timestep_respacing", 4, "--seed", 7, "--output", out, *extra,
-    ]
-
-
-def _npz(path):
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
+from script_runs import MODEL, guided_flags, official_meta, read_npz, run, script_command, script_env
 
 
 @pytest.fixture(scope="module")
 def reference(models, tmp_path_factory):
     """classifier_sample.py in one process, batch size 2, with a 4x4 grid and PixelAsParam statistics."""
     out = tmp_path_factory.mktemp("reference")
-    proc = run("classifier_sample.py", *_guided(models, out, "--batch_size", 2, "--grid_size", 4, "--pxp_stats", out / "stats.json"))
+    proc = run("classifier_sample.py", *guided_flags(models, out, "--batch_size", 2, "--grid_size", 4, "--pxp_stats", out / "stats.json"))
     return out, proc
 
 
 @pytest.mark.slow
 def test_reference_npz_layout(reference):
     out, _ = reference
-    expected = _npz(out / "samples_5x16x16x3.npz")
+    expected = read_npz(out / "samples_5x16x16x3.npz")
     assert set(expected) == {"arr_0", "arr_1"}
     assert expected["arr_0"].shape == (5, 16, 16, 3) and expected["arr_0"].dtype == np.uint8
     assert expected["arr_1"].dtype == np.int64 and ((expected["arr_1"] >= 0) & (expected["arr_1"] < 10)).all()
@@ -126,8 +52,8 @@ def test_same_samples_whatever_the_ranks_and_batch_size(models, reference, tmp_p
     if ranks and shutil.which("mpiexec") is None:
         pytest.skip("mpiexec not found (pip install mpich)")
     out, _ = reference
-    run("classifier_sample.py", *_guided(models, tmp_path, "--batch_size", batch_size, "--pxp_stats", tmp_path / "stats.json"), mpi=ranks)
-    expected, got = _npz(out / "samples_5x16x16x3.npz"), _npz(tmp_path / "samples_5x16x16x3.npz")
+    run("classifier_sample.py", *guided_flags(models, tmp_path, "--batch_size", batch_size, "--pxp_stats", tmp_path / "stats.json"), mpi=ranks)
+    expected, got = read_npz(out / "samples_5x16x16x3.npz"), read_npz(tmp_path / "samples_5x16x16x3.npz")
     np.testing.assert_array_equal(got["arr_0"], expected["arr_0"])
     np.testing.assert_array_equal(got["arr_1"], expected["arr_1"])
     ref_steps = json.loads((out / "stats.json").read_text())["steps"]
@@ -140,16 +66,16 @@ def test_bad_input_on_one_rank_ends_every_rank(models, tmp_path):
     if shutil.which("mpiexec") is None:
         pytest.skip("mpiexec not found (pip install mpich)")
     # rank 1 starts in a folder without the checkpoint (as on a node that lacks the file): rank 0 must not wait forever
-    command = _command("classifier_sample.py", ["--model_path", "cond.pt", "--classifier_path", models["clf"], "--output", tmp_path])
+    command = script_command("classifier_sample.py", ["--model_path", "cond.pt", "--classifier_path", models["clf"], "--output", tmp_path])
     mpmd = ["mpiexec", "-n", "1", "-wdir", str(models["dir"]), *command, ":", "-n", "1", "-wdir", str(tmp_path), *command]
-    proc = subprocess.run(mpmd, capture_output=True, text=True, env=_env(), timeout=120)
+    proc = subprocess.run(mpmd, capture_output=True, text=True, env=script_env(), timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("classifier_sample.py: error: (rank 1) checkpoint not found: cond.pt")
 
 
 def test_png_grid_of_the_first_samples(reference):
     out, _ = reference
-    images = _npz(out / "samples_5x16x16x3.npz")["arr_0"]
+    images = read_npz(out / "samples_5x16x16x3.npz")["arr_0"]
     grid = np.asarray(Image.open(out / "samples_5x16x16x3.png"))
     b, cell = GRID_BORDER, 64 + GRID_BORDER  # tiles of 64 pixels with a grey line around each
     assert grid.shape == (b + 2 * cell, b + 4 * cell, 3)  # 5 samples in rows of 4, enlarged 4x
@@ -173,12 +99,12 @@ def test_pxp_stats_json(reference):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_file(models, tmp_path):
-    flags = _guided(models, tmp_path / "killed", "--num_samples", 6, "--timestep_respacing", 10, "--batch_size", 1)
-    run("classifier_sample.py", *_guided(models, tmp_path / "whole", "--num_samples", 6, "--timestep_respacing", 10, "--batch_size", 3))
-    expected = _npz(tmp_path / "whole" / "samples_6x16x16x3.npz")
+    flags = guided_flags(models, tmp_path / "killed", "--num_samples", 6, "--timestep_respacing", 10, "--batch_size", 1)
+    run("classifier_sample.py", *guided_flags(models, tmp_path / "whole", "--num_samples", 6, "--timestep_respacing", 10, "--batch_size", 3))
+    expected = read_npz(tmp_path / "whole" / "samples_6x16x16x3.npz")
 
     partial = tmp_path / "killed" / "samples_6x16x16x3.partial"
-    proc = subprocess.Popen(_command("classifier_sample.py", flags), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(script_command("classifier_sample.py", flags), env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None and not list(partial.glob("from_*.npz")):
         time.sleep(0.005)
     proc.kill()
@@ -191,7 +117,7 @@ def test_killed_run_resumes_to_the_same_file(models, tmp_path):
     assert "holds an unfinished run with other flags (--classifier_scale 5.0 (now 2.0))" in other.stderr
 
     run("classifier_sample.py", *flags)
-    got = _npz(tmp_path / "killed" / "samples_6x16x16x3.npz")
+    got = read_npz(tmp_path / "killed" / "samples_6x16x16x3.npz")
     np.testing.assert_array_equal(got["arr_0"], expected["arr_0"])
     np.testing.assert_array_equal(got["arr_1"], expected["arr_1"])
     assert not partial.exists()
@@ -209,7 +135,7 @@ def test_super_res_upsamples_base_samples_and_keeps_labels(models, tmp_path):
     out = tmp_path / "up" / "upsampled.npz"
     run("super_res_sample.py", "--model_path", models["sr"], "--base_samples", tmp_path / "base.npz", "--num_samples", 4,
         "--batch_size", 3, "--timestep_respacing", 4, "--seed", 0, "--output", out)
-    got = _npz(out)
+    got = read_npz(out)
     assert got["arr_0"].shape == (4, 64, 64, 3) and got["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(got["arr_1"], [3, 1, 4, 3])  # sample i upsamples base image i mod 3
     assert np.asarray(Image.open(tmp_path / "up" / "upsampled.png")).shape == (64 + 2 * GRID_BORDER, 4 * 64 + 5 * GRID_BORDER, 3)
@@ -219,7 +145,7 @@ def test_super_res_upsamples_base_samples_and_keeps_labels(models, tmp_path):
 def test_classifier_free_sample(models, tmp_path):
     run("classifier_free_sample.py", "--model_path", models["uncond"], "--cond_model_path", models["cond"], "--cond_model_scale", 2,
         "--num_samples", 3, "--batch_size", 3, "--timestep_respacing", 4, "--seed", 1, "--output", tmp_path, "--pxp_stats", tmp_path / "cfg.json")
-    got = _npz(tmp_path / "samples_3x16x16x3.npz")
+    got = read_npz(tmp_path / "samples_3x16x16x3.npz")
     assert got["arr_0"].shape == (3, 16, 16, 3) and got["arr_1"].shape == (3,)
     steps = json.loads((tmp_path / "cfg.json").read_text())["steps"]
     assert len(steps) == 4 and set(steps[0]) == {"t", "samples", "cos_den_cls", "fired_cls_den"}
@@ -229,15 +155,15 @@ def test_classifier_free_sample(models, tmp_path):
 def test_image_sample_unconditional_fp16_flags_on_cpu_ddim(models, tmp_path):
     proc = run("image_sample.py", "--model_path", models["uncond"], "--use_fp16", "True", "--use_ddim", "True", "--eta", 0.5,
                "--num_samples", 2, "--timestep_respacing", 4, OPENAI_LOGDIR=str(tmp_path))
-    got = _npz(tmp_path / "samples_2x16x16x3.npz")
+    got = read_npz(tmp_path / "samples_2x16x16x3.npz")
     assert set(got) == {"arr_0"} and got["arr_0"].shape == (2, 16, 16, 3)  # no labels for an unconditional model
     assert "fp16 needs CUDA; running in float32 on cpu" in proc.stdout
 
 
 @pytest.mark.slow
 def test_official_checkpoints_are_recognised_without_flags(tmp_path):
-    model = _official_meta(tmp_path / "256x256_diffusion_uncond.pt", "256x256_diffusion_uncond.pt")
-    classifier = _official_meta(tmp_path / "256x256_classifier.pt", "256x256_classifier.pt")
+    model = official_meta(tmp_path / "256x256_diffusion_uncond.pt", "256x256_diffusion_uncond.pt")
+    classifier = official_meta(tmp_path / "256x256_classifier.pt", "256x256_classifier.pt")
     assert os.path.getsize(model) < 1e6
     (tmp_path / "samples_2x256x256x3.npz").touch()  # an empty file where the output goes: the flags found give its name, 256x256
     proc = run("classifier_sample.py", "--model_path", model, "--classifier_path", classifier, "--num_samples", 2, "--output", tmp_path, status=2)
@@ -245,7 +171,7 @@ def test_official_checkpoints_are_recognised_without_flags(tmp_path):
     assert f"--model_path {model} (flags from the official 256x256_diffusion_uncond.pt / lsun_bedroom.pt" in proc.stdout
     assert f"--classifier_path {classifier} (flags from the official 256x256_classifier.pt)" in proc.stdout
 
-    small = _official_meta(tmp_path / "64x64_classifier.pt", "64x64_classifier.pt")
+    small = official_meta(tmp_path / "64x64_classifier.pt", "64x64_classifier.pt")
     proc = run("classifier_sample.py", "--model_path", model, "--classifier_path", small, "--output", tmp_path, status=2)
     assert f"--classifier_path {small} has image_size 64 but --model_path {model} has 256: they must match" in proc.stderr
 
@@ -253,7 +179,7 @@ def test_official_checkpoints_are_recognised_without_flags(tmp_path):
 def test_explicit_flags_override_the_checkpoint_flags(models, tmp_path):
     logger.configure(dir=str(tmp_path), format_strs=[])
     defaults = model_and_diffusion_defaults()
-    official = _official_meta(tmp_path / "official.pt", "256x256_diffusion.pt")
+    official = official_meta(tmp_path / "official.pt", "256x256_diffusion.pt")
     args = argparse.Namespace(model_path=official, **dict(defaults, timestep_respacing="25", num_channels=8))
     flags = Checkpoint(args, {"timestep_respacing"}, "model_path", "model", defaults).flags
     expected = parse_flags(OFFICIAL["256x256_diffusion.pt"][1], defaults)
@@ -304,7 +230,7 @@ def error_runs(models, tmp_path_factory):
     def one(case):
         script, flags, _ = ERRORS[case]
         flags = ["--num_samples", 2, "--timestep_respacing", 4, "--output", d / case, *flags(models, d)]  # the last value of a flag wins
-        return subprocess.run(_command(script, flags), capture_output=True, text=True, env=_env(), timeout=300)
+        return subprocess.run(script_command(script, flags), capture_output=True, text=True, env=script_env(), timeout=300)
 
     with ThreadPoolExecutor(2) as pool:
         return dict(zip(ERRORS, pool.map(one, ERRORS)))
@@ -353,7 +279,7 @@ def test_banner_shows_the_effective_settings(tmp_path):
         assert shown in settings
     assert "--timestep_respacing 100" not in settings and "--classifier_scale 2.0" not in settings
     assert f"output: {tmp_path / 'samples_4x8x8x3.npz'}" in settings
-    assert _npz(tmp_path / "samples_4x8x8x3.npz")["arr_1"].tolist() == [1, 7, 1, 7]  # a list of classes cycles
+    assert read_npz(tmp_path / "samples_4x8x8x3.npz")["arr_1"].tolist() == [1, 7, 1, 7]  # a list of classes cycles
 
 
 SCRIPTS = sorted(p.name for p in (ROOT / "scripts").glob("*.py"))

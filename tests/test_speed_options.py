@@ -11,7 +11,8 @@ from guided_diffusion.sampling_flags import sampling_defaults, start
 from guided_diffusion.sampling_networks import Checkpoint, classifier_guidance
 from guided_diffusion.script_util import classifier_defaults, model_and_diffusion_defaults
 from guided_diffusion.unet import UNetModel
-from test_scripts import CLASSIFIER, MODEL, _npz, _save, run
+from script_runs import CLASSIFIER, MODEL, read_npz, run, save_checkpoint
+
 
 DEFAULTS = {"model": model_and_diffusion_defaults, "classifier": classifier_defaults}
 
@@ -21,8 +22,8 @@ def checkpoints(tmp_path_factory):
     d = tmp_path_factory.mktemp("speed")
     logger.configure(dir=str(d), format_strs=[])  # Checkpoint logs; not to a stdout that pytest has closed since
     return dict(
-        model=_save(d / "model.pt", "model", f"{MODEL} --class_cond True --use_fp16 True", 0),
-        classifier=_save(d / "classifier.pt", "classifier", f"--image_size 16 {CLASSIFIER}", 2),
+        model=save_checkpoint(d / "model.pt", "model", f"{MODEL} --class_cond True --use_fp16 True", 0),
+        classifier=save_checkpoint(d / "classifier.pt", "classifier", f"--image_size 16 {CLASSIFIER}", 2),
     )
 
 
@@ -82,7 +83,7 @@ def test_image_sample_with_speed_options(checkpoints, tmp_path):
     common = ["--model_path", checkpoints["model"], "--num_samples", 2, "--timestep_respacing", 4, "--seed", 3]
     run("image_sample.py", *common, "--output", tmp_path / "float32")
     run("image_sample.py", *common, "--autocast", "bf16", "--channels_last", "True", "--output", tmp_path / "bf16")
-    float32, bf16 = (_npz(tmp_path / name / "samples_2x16x16x3.npz")["arr_0"] for name in ("float32", "bf16"))
+    float32, bf16 = (read_npz(tmp_path / name / "samples_2x16x16x3.npz")["arr_0"] for name in ("float32", "bf16"))
     assert bf16.shape == float32.shape == (2, 16, 16, 3)
     assert np.abs(bf16.astype(int) - float32).mean() < 2  # the same images, up to rounding in a few levels
 

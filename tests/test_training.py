@@ -8,16 +8,8 @@ import pytest
 import torch
 
 from guided_diffusion import fp16_util, logger
-from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from guided_diffusion.train_util import TrainLoop, find_resume_checkpoint, parse_resume_step_from_filename
-
-TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4", num_head_channels=32, diffusion_steps=100)
-
-
-def _tiny(**overrides):
-    flags = {**model_and_diffusion_defaults(), **TINY, **overrides}
-    torch.manual_seed(0)
-    return create_model_and_diffusion(**flags)
+from guided_diffusion.train_util import find_resume_checkpoint, parse_resume_step_from_filename
+from training_runs import tiny_model_and_diffusion, train_loop
 
 
 @pytest.mark.parametrize(
@@ -31,7 +23,7 @@ def _tiny(**overrides):
 )
 @pytest.mark.slow
 def test_losses_decrease(overrides, parts):
-    model, diffusion = _tiny(**overrides)
+    model, diffusion = tiny_model_and_diffusion(**overrides)
     data = torch.randn(2, 3, 1, 1).repeat(1, 1, 8, 8).clamp(-1, 1)  # two flat-colour images
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(1)
@@ -57,7 +49,7 @@ def test_losses_decrease(overrides, parts):
 
 
 def test_calc_bpd_loop():
-    model, diffusion = _tiny(learn_sigma=True, diffusion_steps=25)
+    model, diffusion = tiny_model_and_diffusion(learn_sigma=True, diffusion_steps=25)
     out = diffusion.calc_bpd_loop(model, torch.rand(2, 3, 8, 8) * 2 - 1)
     assert out["vb"].shape == out["mse"].shape == (2, 25)
     assert torch.isfinite(out["total_bpd"]).all() and (out["total_bpd"] > 0).all()
@@ -65,23 +57,6 @@ def test_calc_bpd_loop():
 
 
 # ---------------------------------------------------------------- TrainLoop and mixed precision
-
-
-def _batches(batch_size=2):
-    """Endless (images, {}) batches of flat-colour 8x8 images."""
-    gen = torch.Generator().manual_seed(0)
-    while True:
-        yield torch.rand(batch_size, 3, 1, 1, generator=gen).repeat(1, 1, 8, 8) * 2 - 1, {}
-
-
-def train_loop(**overrides):
-    """A TrainLoop of a tiny model on flat-colour images, saving to the logger's directory."""
-    model, diffusion = _tiny()
-    kwargs = dict(
-        model=model, diffusion=diffusion, data=_batches(), batch_size=2, microbatch=-1, lr=1e-3,
-        ema_rate="0.9", log_interval=1, save_interval=2, resume_checkpoint="", lr_anneal_steps=2,
-    )
-    return TrainLoop(**{**kwargs, **overrides})
 
 
 def test_train_loop_has_upstreams_attributes_and_resumes(tmp_path):
@@ -108,7 +83,7 @@ def test_parse_resume_step_from_filename_is_upstreams():
 
 
 def test_fp16_master_params_round_trip():
-    model, _ = _tiny()
+    model, _ = tiny_model_and_diffusion()
     groups = fp16_util.get_param_groups_and_shapes(model.named_parameters())
     assert [shape for _, shape in groups] == [-1, (1, -1)]
     assert all(p.ndim <= 1 for _, p in groups[0][0]) and all(p.ndim > 1 for _, p in groups[1][0])
@@ -145,7 +120,7 @@ def test_fp16_master_params_round_trip():
 
 
 def test_fp16_trainer_steps_and_backs_off_on_overflow(tmp_path):
-    model, diffusion = _tiny()
+    model, diffusion = tiny_model_and_diffusion()
     trainer = fp16_util.MixedPrecisionTrainer(model=model, use_fp16=True, initial_lg_loss_scale=10.0)
     assert model.input_blocks[0][0].weight.dtype == torch.float16 and len(trainer.master_params) == 2
     opt = torch.optim.AdamW(trainer.master_params, lr=1e-3)
