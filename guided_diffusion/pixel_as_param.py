@@ -138,9 +138,10 @@ class PxPConfig:
     guidance_window: tuple = _flag("guidance_window", ALL_STEPS)  # steps with lo <= t/T < hi are guided at all
 
     def __post_init__(self):
+        if self.mode == "auto":
+            raise UsageError(f"pxp_mode 'auto' depends on the model: resolve it with resolve_mode(mode, class_cond) or name one of {', '.join(MODES)}")
         if self.mode not in MODES:
-            hint = " (auto is resolved from class_cond by create_model_and_diffusion)" if self.mode == "auto" else ""
-            raise UsageError(f"unknown pxp_mode {self.mode!r}{hint}: use one of {', '.join(MODES)}")
+            raise UsageError(f"unknown pxp_mode {self.mode!r}: use auto (the paper's recipe for the model) or one of {', '.join(MODES)}")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown pxp_optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
         if not self.bound >= 0:

@@ -305,8 +305,10 @@ def test_mode_flags_flow_from_the_command_line():
     for class_cond, recipe in [(True, "cls_den"), (False, "cls_den_div2")]:
         _, diffusion = create_model_and_diffusion(**{**flags, "pxp_mode": "auto", "class_cond": class_cond})
         assert diffusion.pxp.mode == recipe
-    with pytest.raises(UsageError, match="unknown pxp_mode 'cls'"):
+    with pytest.raises(UsageError, match="unknown pxp_mode 'cls': use auto .* or one of none, cls_den"):
         create_model_and_diffusion(**{**flags, "pxp_mode": "cls"})
+    with pytest.raises(UsageError, match="pxp_mode 'auto' depends on the model: resolve it with resolve_mode"):
+        pxp.PxPConfig(mode="auto")
     with pytest.raises(UsageError, match="unknown pxp_optimizer"):
         create_model_and_diffusion(**{**flags, "pxp_optimizer": "lbfgs"})
     for window, message in [("0.5", "expected two fractions"), ("0.8,0.2", "need 0 <= lo < hi <= 1")]:
