@@ -23,10 +23,10 @@ from evaluations.inception import InceptionFeatures, seeded_state_dict
 def parse_args():
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num_images", type=int, default=64)
-    parser.add_argument("--image_size", type=int, default=256)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes; the best and the median are reported")
+    parser.add_argument("--num_images", type=int, default=64, help="random images timed per pass (default: %(default)s)")
+    parser.add_argument("--image_size", type=int, default=256, help="their side in pixels, resized to 299 by the network (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per network call (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes; the best and the median are reported (default: %(default)s)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     return parser.parse_args()
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from guided_diffusion.checkpoints import load_weights, parse_flags, sidecar_flags, write_sidecar
 from guided_diffusion.digits import digits_split
 from guided_diffusion.errors import UsageError
+from guided_diffusion.npz_io import atomic_output
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "models" / "digits_evaluator.pt"
 NUM_CLASSES = 10
@@ -127,7 +128,8 @@ def train_evaluator(out_path=DEFAULT_PATH, epochs=60, batch_size=64, lr=2e-3, se
     accuracy = DigitsFeatures(net).accuracy(held_images, held_labels)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    th.save(net.state_dict(), out_path)
+    with atomic_output(out_path) as tmp_path:  # a kill never leaves half a weights file
+        th.save(net.state_dict(), tmp_path)
     write_sidecar(str(out_path), "digits_features", f"--width {width} --feature_dim {feature_dim}")
     return accuracy
 

@@ -74,3 +74,21 @@ def test_tradeoff_benchmark_quick(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "At equal accuracy" in table and "At equal scale" in table
     assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".json").exists()
+
+
+def test_training_the_evaluator_never_leaves_half_a_weights_file(tmp_path, monkeypatch):
+    """A save that dies midway (a kill, a full disk) leaves the previous weights as they were, and no temporary."""
+    from evaluations import digits_features
+
+    out = tmp_path / "evaluator.pt"
+    out.write_bytes(b"previous weights")
+
+    def dies_midway(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(digits_features.th, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        digits_features.train_evaluator(out, epochs=1)
+    assert out.read_bytes() == b"previous weights" and os.listdir(tmp_path) == ["evaluator.pt"]
