@@ -32,10 +32,8 @@ from scipy import stats as scipy_stats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evaluations.digits_features import load_evaluator  # noqa: E402
-from evaluations.metrics import compute_statistics, frechet_distance, precision_recall  # noqa: E402
+from evaluations.digits_features import held_out_reference, score  # noqa: E402
 from guided_diffusion.checkpoints import load_with_sidecar  # noqa: E402
-from guided_diffusion.digits import digits_split  # noqa: E402
 from guided_diffusion.pixel_as_param import PxPConfig  # noqa: E402
 from guided_diffusion.sampling_networks import classifier_guidance, label_aware  # noqa: E402
 from guided_diffusion.script_util import create_diffusion, diffusion_defaults  # noqa: E402
@@ -107,30 +105,6 @@ class Sampler:
             model_kwargs={"y": labels}, device=x_T.device, step_noise=step_noises.__getitem__, pxp=pxp,
         )
         return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def score(evaluator, reference, images, labels):
-    """accuracy on the target labels, FID, precision and recall against the reference features."""
-    features, logits = evaluator(images)
-    mu, sigma = compute_statistics(features)
-    precision, recall = precision_recall(reference["features"], features, half=False)
-    return dict(
-        accuracy=float((logits.argmax(-1) == labels.numpy()).mean()),
-        fid=float(frechet_distance(mu, sigma, reference["mu"], reference["sigma"])),
-        precision=precision,
-        recall=recall,
-    )
-
-
-def held_out_reference():
-    """(the digits evaluator, the held-out digits' features and statistics, the scores of the real train digits against them)."""
-    evaluator = load_evaluator()
-    held_out, _, _ = digits_split()["held_out"]
-    features = evaluator(held_out)[0]
-    mu, sigma = compute_statistics(features)
-    reference = dict(features=features, mu=mu, sigma=sigma)
-    train_images, train_labels, _ = digits_split()["train"]
-    return evaluator, reference, score(evaluator, reference, train_images, torch.from_numpy(train_labels))
 
 
 def run(args, save):

@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from guidance_tradeoff import Sampler, fmt, grouped, score  # noqa: E402
+from evaluations.digits_features import score  # noqa: E402
+from guidance_tradeoff import Sampler, fmt, grouped  # noqa: E402
 from evaluations.digits_features import load_evaluator  # noqa: E402
 from evaluations.metrics import compute_statistics  # noqa: E402
 from guided_diffusion.digits import digits_split  # noqa: E402

@@ -19,6 +19,7 @@ import numpy as np
 from .errors import UsageError
 
 IMAGES = "arr_0"
+LABELS = "arr_1"
 # Precomputed statistics a reference batch may carry: (mean, covariance) names and dimension.
 STATISTICS = {"pool": ("mu", "sigma", 2048), "spatial": ("mu_s", "sigma_s", 2023)}
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
@@ -151,6 +152,20 @@ def open_images(path, min_images=2):
         if fortran_order:
             stream = _MemoryStream(_read_whole(path, IMAGES, stream, shape, fortran_order, dtype))
         yield ImageArrayReader(path, stream, shape)
+
+
+def read_labeled_images(path, min_images=2):
+    """(images uint8 [N, H, W, 3], labels int64 [N] or None when the file has no arr_1), read whole: small batches only."""
+    with open_images(path, min_images) as reader:
+        images = np.concatenate(list(reader.batches(max(reader.num_images, 1))))
+    with _open_zip(path) as archive:
+        if f"{LABELS}.npy" not in archive.namelist():
+            return images, None
+        with _open_array(path, archive, LABELS) as (stream, shape, fortran_order, dtype):
+            if dtype.kind not in "iu" or tuple(shape) != (len(images),):
+                raise InputError(f"{path}: {LABELS} must hold one integer label per image ({len(images)}), got {dtype} {tuple(shape)}")
+            labels = _read_whole(path, LABELS, stream, shape, fortran_order, dtype).astype(np.int64)
+    return images, labels
 
 
 def _read_whole(path, name, stream, shape, fortran_order, dtype):

@@ -92,3 +92,22 @@ def test_training_the_evaluator_never_leaves_half_a_weights_file(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         digits_features.train_evaluator(out, epochs=1)
     assert out.read_bytes() == b"previous weights" and os.listdir(tmp_path) == ["evaluator.pt"]
+
+
+def test_digits_features_scores_batches_offline(tmp_path, capsys):
+    """The scoring command: the real train digits score as the benchmarks report them; bad batches get one line."""
+    from evaluations import digits_features
+    from guided_diffusion.digits import digits_split
+
+    images, labels, _ = digits_split()["train"]
+    np.savez(tmp_path / "real.npz", images, labels)
+    np.savez(tmp_path / "unlabelled.npz", images[:50])
+    np.savez(tmp_path / "float_labels.npz", images[:50], labels[:50].astype(float))
+    assert digits_features.main([str(tmp_path / "real.npz"), str(tmp_path / "unlabelled.npz")]) == 0
+    real, unlabelled = capsys.readouterr().out.splitlines()
+    assert real.startswith(f"{tmp_path / 'real.npz'}: {len(images)} samples, accuracy 1.000, FID 4.27, precision 0.921, recall 0.878")
+    assert "50 samples, no labels, FID" in unlabelled and unlabelled.endswith("(FID needs ~1,000 samples)")
+    assert digits_features.main([str(tmp_path / "float_labels.npz")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'float_labels.npz'}: arr_1 must hold one integer label per image (50), got float64 (50,)\n"
+    assert digits_features.main([str(tmp_path / "missing.npz")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing.npz'}: no such file\n"
