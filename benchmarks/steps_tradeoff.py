@@ -194,9 +194,10 @@ def markdown(rows, baseline, args):
         main = [r for r in model_rows if r["scale"] == main_scale(model, r["setting"])]
         for (setting, sampler, threshold, calls), points in sorted(grouped(main, "setting", "sampler", "threshold", "calls").items(), key=_order):
             get = lambda k: [p[k] for p in points]  # noqa: E731
+            ratio = f"{np.mean(get('fid')) / ref_fid:.2f}" if ref else "-"
             lines.append(
                 f"| {setting} | {sampler} | {threshold or '-'} | {calls} | {points[0]['scale']:g} | {fmt(get('accuracy'), 3)} | {fmt(get('fid'), 2)} | "
-                f"{np.mean(get('fid')) / ref_fid:.2f} | {fmt(get('precision'), 3)} | {fmt(get('recall'), 3)} | {np.mean(get('seconds')):.1f} |"
+                f"{ratio} | {fmt(get('precision'), 3)} | {fmt(get('recall'), 3)} | {np.mean(get('seconds')):.1f} |"
             )
         bracketed = [r for r in model_rows if r["sampler"] in DPMPP and r["calls"] <= BRACKETED_CALLS]
         if ref and bracketed:
