@@ -201,7 +201,16 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=25, help="respaced sampling steps")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "multi_objective"))
     parser.add_argument("--quick", action="store_true", help="a smoke test: 20 samples, 5 steps, one known weight, one seed")
+    parser.add_argument("--render", action="store_true", help="rewrite the table and plot from <out>.json (e.g. of a run stopped early), sampling nothing")
     args = parser.parse_args(argv)
+    if args.render:
+        with open(f"{args.out}.json") as f:
+            saved = json.load(f)
+        rows, args = saved["rows"], argparse.Namespace(**dict(saved["flags"], out=args.out))
+        with open(f"{args.out}.md", "w") as f:
+            f.write(markdown(rows, args))
+        plot(rows, f"{args.out}.png")
+        return rows
     if args.quick:
         args.num_samples, args.seeds, args.steps, args.known_weights = 20, 1, 5, [1.0]
     started = time.time()
