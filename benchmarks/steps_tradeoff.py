@@ -83,7 +83,8 @@ MODELS = {
 
 def plan(settings, bracket=True):
     """The points (setting, sampler, calls, scale) in the order they are sampled: the reference (ADM-G,
-    DDPM, 1000 calls) first, then the fast samplers (at <= BRACKETED_CALLS at every scale, with bracket), then the rest."""
+    DDPM, 1000 calls) first, then setting by setting the fast samplers (at <= BRACKETED_CALLS at every
+    scale, with bracket), DDPM and DDIM."""
     reference = settings[0]
     yield reference, "ddpm", 1000, reference.scales[0]
     for setting in settings:
@@ -91,7 +92,6 @@ def plan(settings, bracket=True):
             for calls in FAST_CALLS:
                 scales = setting.scales if bracket and calls <= BRACKETED_CALLS else setting.scales[:1]
                 yield from ((setting, sampler, calls, scale) for scale in scales)
-    for setting in settings:
         yield from ((setting, "ddpm", calls, setting.scales[0]) for calls in setting.ddpm_calls if (setting, calls) != (reference, 1000))
         if setting.ddim:
             yield from ((setting, "ddim", calls, setting.scales[0]) for calls in FAST_CALLS)
