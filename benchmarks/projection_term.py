@@ -1,10 +1,10 @@
-"""What cls_den's correction of den adds to a step, measured on the embedded default's digits.
+"""What cls_den's correction of den adds to a step, measured on the conditional digits model.
 
 `cls_den` replaces den by den + beta * cls with beta = -<den, cls> / ||cls||^2 where they
 conflict. The guidance cls is far smaller than den, so beta is large: the step adds
 |beta * cls| = ||den|| |cos(den, cls)|, the raw classifier gradient's direction at the size of
-den's conflicting part, whatever the guidance scale. This script samples the embedded default's
-16 digits (conditional model, scale 2, 100 steps, seed 0) with cls_den, records every step's
+den's conflicting part, whatever the guidance scale. This script samples the former embedded
+default's 16 digits (conditional model, scale 2, 100 steps, seed 0) with cls_den, records every step's
 directions, prints the norms per step, and draws `<out>.png`: the samples, the sum of the
 corrections beta * cls over the steps (as an image: its per-channel, high-frequency pattern is
 the speckle and the colour), the same digits with ADM-G and with cls_den bounded (--pxp_bound 1),

@@ -1,7 +1,9 @@
 """Like image_sample.py, but a noisy classifier guides each step towards a label (ADM-G or PixelAsParam).
 
 With no --model_path it samples the embedded default: 16 handwritten digits (classes 0-9 in
-turn) from the small digits models in models/, guided by PixelAsParam, in seconds on a CPU.
+turn) from the small unconditional digits model in models/, guided by the noisy classifier with
+PixelAsParam's projection in the noisy half of the steps (--pxp_window 0.5,1), the setting that
+beat ADM-G on that model's measured accuracy-FID frontier; in seconds on a CPU.
 
 `--pxp_mode auto` (the default) takes the paper's recipe: cls_den for a class-conditional model,
 cls_den_div2 for an unconditional one; `--pxp_mode none` is ADM-G and `--classifier_scale 0`
@@ -22,9 +24,10 @@ from guided_diffusion.script_util import classifier_defaults, model_and_diffusio
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 EMBEDDED = dict(
-    model_path=os.path.join(MODELS, "digits_cond.pt"),
+    model_path=os.path.join(MODELS, "digits_uncond.pt"),
     classifier_path=os.path.join(MODELS, "digits_classifier.pt"),
-    classifier_scale=2.0,
+    classifier_scale=1.0,
+    pxp_window="0.5,1",
     timestep_respacing="100",
     num_samples=16,
     batch_size=16,

@@ -275,9 +275,9 @@ def test_banner_shows_the_effective_settings(tmp_path):
     proc = run("classifier_sample.py", "--classifier_scale", 0, "--timestep_respacing", 10, "--num_samples", 4, "--labels", "1,7",
                "--output", tmp_path)
     settings = proc.stdout[proc.stdout.index("settings:") :]
-    for shown in ("--timestep_respacing 10", "--classifier_scale 0.0", "--num_samples 4", "--pxp_mode cls_den (auto)", "--labels 1,7"):
+    for shown in ("--timestep_respacing 10", "--classifier_scale 0.0", "--num_samples 4", "--pxp_mode cls_den_div2 (auto)", "--pxp_window 0.5,1", "--labels 1,7"):
         assert shown in settings
-    assert "--timestep_respacing 100" not in settings and "--classifier_scale 2.0" not in settings
+    assert "--timestep_respacing 100" not in settings and "--classifier_scale 1.0" not in settings
     assert f"output: {tmp_path / 'samples_4x8x8x3.npz'}" in settings
     assert read_npz(tmp_path / "samples_4x8x8x3.npz")["arr_1"].tolist() == [1, 7, 1, 7]  # a list of classes cycles
 
