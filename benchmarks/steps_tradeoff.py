@@ -175,7 +175,7 @@ def at_reference_accuracy(points, target):
 def markdown(rows, baseline, args):
     """The tables: every point at its setting's main scale, and the fast points at the reference's accuracy."""
     lines = [
-        f"{args.num_samples} samples a point, {args.seeds} seed(s) (mean ± 95% CI over seeds); x0_threshold "
+        f"{args.num_samples} samples a point, {len({r['seed'] for r in rows})} of {args.seeds} seed(s) sampled (mean ± 95% CI over seeds); x0_threshold "
         f"{', '.join(t or '-' for t in args.thresholds)} for the DPM-Solver++ samplers.",
         f"For scale: the real train-split digits score accuracy {baseline['accuracy']:.3f}, FID {baseline['fid']:.2f}, "
         f"precision {baseline['precision']:.3f}, recall {baseline['recall']:.3f} against the same held-out digits.",
