@@ -191,7 +191,7 @@ def batches(tmp_path_factory):
 
 @pytest.mark.slow
 def test_seeded_weights_have_the_real_layout_and_give_varied_features(weights, extractor):
-    assert torch.load(weights).keys() == extractor.net.state_dict().keys()  # and it loaded strictly
+    assert torch.load(weights, weights_only=True).keys() == extractor.net.state_dict().keys()  # and it loaded strictly
     features = extractor(smooth_images(6, seed=4))
     assert features.pool.shape == (6, 2048) and features.probs.shape == (6, 1008)
     spread = features.pool.std(axis=0).mean() / features.pool.mean()
