@@ -1,17 +1,18 @@
 """Tiny seeded checkpoints and subprocess runs of the scripts, shared by the script tests.
 
 The checkpoints (image size 16, 32 channels) are made here and carry their flags in a sidecar
-`<checkpoint>.json`; every script runs as a subprocess, as a user runs it.
+`<checkpoint>.json`; every script runs in its own process, as a user runs it (warm_python spares the
+torch import of each run).
 """
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import torch
 
+import warm_python
 from conftest import ROOT
 from guided_diffusion.checkpoints import DEFAULTS, OFFICIAL, build, parse_flags
 
@@ -60,7 +61,7 @@ def script_env(**extra):
 
 def run(script, *flags, mpi=0, status=0, cwd=None, **env):
     """Run a script (in cwd); assert its exit status; returns the CompletedProcess."""
-    proc = subprocess.run(script_command(script, flags, mpi), capture_output=True, text=True, env=script_env(**env), timeout=300, cwd=cwd)
+    proc = warm_python.run(script_command(script, flags, mpi), env=script_env(**env), cwd=cwd)
     assert proc.returncode == status, proc.stdout + proc.stderr
     return proc
 

@@ -4,7 +4,6 @@ The steps run the small digits models of models/ (8x8, learned sigma) on a few s
 """
 
 import argparse
-import subprocess
 import sys
 
 import numpy as np
@@ -20,6 +19,7 @@ from guided_diffusion.gaussian_diffusion import SAMPLERS
 from guided_diffusion.sampling_flags import resolve_sampler
 from guided_diffusion.sampling_networks import classifier_guidance, label_aware
 from guided_diffusion.script_util import create_diffusion, diffusion_defaults
+import warm_python
 
 MODES = list(pxp.MODES)
 STEPS = 10
@@ -304,11 +304,11 @@ def test_contradictory_sampler_flags_are_refused_in_one_line(given, message):
 def test_a_sampling_script_with_the_solver(tmp_path):
     command = [sys.executable, str(ROOT / "scripts" / "classifier_sample.py"), "--sampler", "dpmpp_2m_sde", "--timestep_respacing", "8",
                "--num_samples", "4", "--output", str(tmp_path)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    proc = warm_python.run(command)
     assert proc.returncode == 0, proc.stderr
     with np.load(tmp_path / "samples_4x8x8x3.npz") as npz:
         assert npz["arr_0"].shape == (4, 8, 8, 3) and npz["arr_0"].std() > 10
-    refused = subprocess.run(command + ["--use_ddim", "True"], capture_output=True, text=True, timeout=300)
+    refused = warm_python.run(command + ["--use_ddim", "True"])
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and "contradict" in refused.stderr
 
 

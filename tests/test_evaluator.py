@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import ROOT
 from helpers import eval_goldens
+import warm_python
 
 if str(ROOT) not in sys.path:  # `evaluations` is imported from the repository, not installed
     sys.path.insert(0, str(ROOT))
@@ -250,9 +251,7 @@ def test_fortran_ordered_images_are_read(tmp_path):
 def test_cli_script_prints_five_results_and_json(batches, weights, tmp_path):
     out_json = tmp_path / "results.json"
     argv = [batches["ref"], batches["sample"], "--inception_path", weights, "--batch_size", 5, "--json", out_json]
-    proc = subprocess.run(
-        [sys.executable, "evaluations/evaluator.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True
-    )
+    proc = warm_python.run([sys.executable, "evaluations/evaluator.py", *argv], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     results = parse_results(proc.stdout)
     assert list(results) == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
@@ -266,12 +265,7 @@ def test_cli_script_prints_five_results_and_json(batches, weights, tmp_path):
 
 @pytest.mark.slow
 def test_cli_script_reports_bad_input_in_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "evaluations/evaluator.py", str(tmp_path / "missing.npz"), str(tmp_path / "x.npz")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    proc = warm_python.run([sys.executable, "evaluations/evaluator.py", tmp_path / "missing.npz", tmp_path / "x.npz"], cwd=ROOT)
     assert proc.returncode != 0 and proc.stdout == ""
     one_line_error(proc.stderr, "missing.npz", "no such file")
 

@@ -5,10 +5,12 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import ROOT
+import warm_python
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -44,12 +46,17 @@ def test_without_a_gpu_it_fails_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _warm(command, cwd, env, timeout, **_):
+    """gpu_check's subprocess.run, with its `python piece.py` processes started warm."""
+    return warm_python.run(command, env=env, cwd=cwd, timeout=timeout)
+
+
 @pytest.mark.slow
-def test_a_dry_run_of_every_piece_on_the_cpu(tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(tmp_path), "--device", "cpu", "--quick",
-               "--pytest", "tests/test_dpm_solver.py -k coefficients"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def test_a_dry_run_of_every_piece_on_the_cpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "subprocess", SimpleNamespace(run=_warm, TimeoutExpired=subprocess.TimeoutExpired))
+    status = gpu_check.main([str(tmp_path), "--device", "cpu", "--quick", "--pytest", "tests/test_dpm_solver.py -k coefficients"])
+    stdout = capsys.readouterr().out
+    assert status == 0, stdout + (tmp_path / "gpu_check.json").read_text()
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["passed"] and report["environment"]["device"] == "cpu"
     assert report["tests"]["tests"] == 1 and report["tests"]["failures"] == 0
@@ -58,4 +65,4 @@ def test_a_dry_run_of_every_piece_on_the_cpu(tmp_path):
     assert [(r["dtype"], r["batch_size"]) for r in report["sample_speed"]["runs"]] == [("fp16", 2), ("bf16", 2)]
     assert all(float(r["rows"][0]["ms/step"]) > 0 for r in report["sample_speed"]["runs"])
     assert report["evaluator"]["best_images_per_s"] > 0
-    assert "gpu_check on cpu: PASSED" in proc.stdout
+    assert "gpu_check on cpu: PASSED" in stdout

@@ -29,6 +29,7 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.errors import UsageError
 from guided_diffusion.pixel_as_param import StepStats
 from script_runs import MODEL, guided_flags, read_npz, run, save_checkpoint, script_command, script_env
+import warm_python
 
 
 NAME = "samples_6x16x16x3"
@@ -198,11 +199,7 @@ def test_progress_left_by_a_kill_after_the_final_rename_is_removed(finished, tmp
 
 @pytest.mark.slow
 def test_absurd_sample_count_is_refused(models, tmp_path):
-    proc = subprocess.run(
-        script_command("classifier_sample.py", _flags(models, tmp_path, "--num_samples", "99999999999999999999")),
-        capture_output=True, text=True, env=script_env(), timeout=120,
-    )
-    assert proc.returncode == 2
+    proc = run("classifier_sample.py", *_flags(models, tmp_path, "--num_samples", "99999999999999999999"), status=2)
     assert "--num_samples must be positive and at most 10,000,000 (got 99999999999999999999)" in _last_line(proc)
 
 
@@ -360,7 +357,7 @@ def bad_runs(models, tmp_path_factory):
         else:
             make_flags, message = BAD_FLAGS[case]
             flags, message = make_flags(models, d / case), message.format(d=d / case)
-        proc = subprocess.run(script_command("classifier_sample.py", flags), capture_output=True, text=True, env=script_env(), timeout=300)
+        proc = warm_python.run(script_command("classifier_sample.py", flags), env=script_env())
         return proc, message
 
     cases = [*BAD_FILES, *BAD_FLAGS]

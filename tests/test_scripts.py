@@ -26,6 +26,7 @@ from guided_diffusion.sampling_networks import Checkpoint
 from guided_diffusion.sampling_output import BORDER_GREY, GRID_BORDER
 from guided_diffusion.script_util import model_and_diffusion_defaults
 from script_runs import MODEL, guided_flags, official_meta, read_npz, run, script_command, script_env
+import warm_python
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +231,7 @@ def error_runs(models, tmp_path_factory):
     def one(case):
         script, flags, _ = ERRORS[case]
         flags = ["--num_samples", 2, "--timestep_respacing", 4, "--output", d / case, *flags(models, d)]  # the last value of a flag wins
-        return subprocess.run(script_command(script, flags), capture_output=True, text=True, env=script_env(), timeout=300)
+        return warm_python.run(script_command(script, flags), env=script_env())
 
     with ThreadPoolExecutor(2) as pool:
         return dict(zip(ERRORS, pool.map(one, ERRORS)))

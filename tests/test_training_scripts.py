@@ -20,6 +20,7 @@ from conftest import ROOT
 from evaluations.digits_features import load_evaluator
 from guided_diffusion.checkpoints import DEFAULTS, build, load_with_sidecar, parse_flags
 from guided_diffusion.digits import digits_split
+import warm_python
 
 TINY_MODEL = (
     "--image_size 8 --num_channels 32 --channel_mult 1,2 --num_res_blocks 1 --attention_resolutions 4 "
@@ -41,7 +42,8 @@ def script(name, *flags, logdir=None, mpi=0, env=None, **kwargs):
 
 def run_script(name, *flags, **kwargs):
     """Run a script to completion; returns the CompletedProcess (output captured as text)."""
-    return subprocess.run(**script(name, *flags, capture_output=True, text=True, timeout=120, **kwargs))
+    command = script(name, *flags, **kwargs)
+    return warm_python.run(command["args"], env=command["env"], cwd=command["cwd"], timeout=120)
 
 
 def progress(logdir):
@@ -78,25 +80,26 @@ def test_prepare_digits(digits):
 def test_image_train_mpi_killed_run_resumes(digits, tmp_path):
     flags = [*TINY_MODEL, "--data_dir", digits / "held_out", "--random_flip", "False", "--batch_size", 4]
     flags += ["--microbatch", 2, "--schedule_sampler", "loss-second-moment", "--ema_rate", "0.9,0.99"]
-    flags += ["--lr_anneal_steps", 60, "--save_interval", 3, "--log_interval", 1]
+    steps = 24
+    flags += ["--lr_anneal_steps", steps, "--save_interval", 3, "--log_interval", 1]
     first = subprocess.Popen(**script("image_train", *flags, logdir=tmp_path, mpi=2, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     deadline = time.time() + 60
     while not (tmp_path / "model000006.pt").exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     first.send_signal(signal.SIGTERM)  # mpiexec passes it on: both ranks die mid-run
     first.wait(timeout=30)
-    assert first.returncode != 0 and not (tmp_path / "model000060.pt").exists(), first.stderr.read()
+    assert first.returncode != 0 and not (tmp_path / f"model{steps:06d}.pt").exists(), first.stderr.read()
     resumed = max(int(p.name[5:11]) for p in tmp_path.glob("model*.pt"))
     assert resumed >= 6
 
     second = run_script("image_train", *flags, logdir=tmp_path, mpi=2)  # the same command again
     assert second.returncode == 0, second.stderr
     assert f"resuming from {tmp_path / f'model{resumed:06d}.pt'} (step {resumed})" in second.stdout
-    rows = progress(tmp_path)[-(60 - resumed) :]
-    assert [int(float(r["step"])) for r in rows] == list(range(resumed + 1, 61))
-    assert float(rows[-1]["samples"]) == 60 * 4 * 2  # two ranks of 4 images a step
+    rows = progress(tmp_path)[-(steps - resumed) :]
+    assert [int(float(r["step"])) for r in rows] == list(range(resumed + 1, steps + 1))
+    assert float(rows[-1]["samples"]) == steps * 4 * 2  # two ranks of 4 images a step
     assert (tmp_path / "log-rank001.txt").exists()
-    for name in ("model000060.pt", "ema_0.9_000060.pt", "ema_0.99_000060.pt"):
+    for name in (f"model{steps:06d}.pt", f"ema_0.9_{steps:06d}.pt", f"ema_0.99_{steps:06d}.pt"):
         load_with_sidecar(tmp_path / name)
     assert not list(tmp_path.glob("*.tmp"))
 
