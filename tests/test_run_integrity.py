@@ -1,7 +1,7 @@
 """Attacks on the sampling driver (issue 10): no rerun may take, mix or lose samples silently, and bad
 files, full disks, absurd counts and Ctrl-C give one line, never a traceback.
 
-The scripts run as subprocesses on test_scripts.py's tiny seeded checkpoints; the disk-full and
+The scripts run in their own processes on script_runs.py's tiny seeded checkpoints; the disk-full and
 memory checks run in this process with the driver's own objects.
 """
 

@@ -1,6 +1,7 @@
 """The sampling scripts end to end on tiny seeded checkpoints: MPI, seeds, resume, outputs and bad input.
 
-Every script runs as a subprocess, as a user runs it. The checkpoints are made here (image
+Every script runs in its own process, as a user runs it (most start warm: tests/warm_python.py; the
+MPI, signal and kill runs start cold). The checkpoints are made in tests/script_runs.py (image
 size 16, 32 channels) and carry their flags in a sidecar `<checkpoint>.json`.
 """
 
