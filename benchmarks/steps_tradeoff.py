@@ -14,7 +14,9 @@ FID, precision and recall against the held-out digits, mean and 95% interval ove
     python benchmarks/steps_tradeoff.py --quick        # a smoke test
 
 The points run in the order of `plan` (the reference first); `<out>.json` is rewritten after
-each, and a run started again with the same flags skips the points it holds. At the end it
+each, and a run started again skips the points it holds (it must sample as many digits a point;
+--models, --settings, --samplers, --calls and --seeds only choose which points run, so a narrower
+run can first give the headline points every seed). At the end it
 writes `<out>.md` (tables) and `<out>.png` (FID and accuracy against network calls).
 """
 
@@ -277,8 +279,8 @@ def main(argv=None):
     parser.add_argument("--render", action="store_true", help="rewrite the table and plot from <out>.json, sampling nothing")
     args = parser.parse_args(argv)
     if args.quick:
-        args.models, args.settings, args.num_samples, args.seeds, args.calls = ["conditional"], ["ADM-G"], 10, 1, [5, 25]
-        args.samplers = args.samplers or ["ddpm", "dpmpp_2m"]
+        args.models, args.settings, args.num_samples, args.seeds = ["conditional"], ["ADM-G"], 10, 1
+        args.samplers, args.calls = args.samplers or ["ddpm", "dpmpp_2m"], args.calls or [5, 25]
     if args.threads:
         torch.set_num_threads(args.threads)
     flags = {k: v for k, v in vars(args).items() if k not in ("out", "render", "threads")}
@@ -286,9 +288,10 @@ def main(argv=None):
     if os.path.exists(f"{args.out}.json"):
         with open(f"{args.out}.json") as f:
             saved = json.load(f)
-        if saved["flags"] != flags and not args.render:
-            parser.error(f"{args.out}.json holds a run with other flags: choose another --out (or --render it)")
-        rows, baseline, flags = saved["rows"], saved["baseline"], saved["flags"]
+        if saved["flags"]["num_samples"] != flags["num_samples"] and not args.render:
+            parser.error(f"{args.out}.json holds points of {saved['flags']['num_samples']} samples: use --num_samples {saved['flags']['num_samples']} or another --out")
+        rows, baseline = saved["rows"], saved["baseline"]
+        flags = saved["flags"] if args.render else flags
         print(f"{len(rows)} points read from {args.out}.json")
     elif args.render:
         parser.error(f"--render: there is no {args.out}.json")

@@ -1,5 +1,6 @@
 """The benchmark scripts run in their quick modes."""
 
+import json
 import sys
 
 import pytest
@@ -11,6 +12,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import multi_objective  # noqa: E402
 import sample_speed  # noqa: E402
+import steps_tradeoff  # noqa: E402
 
 
 @pytest.mark.parametrize("options, title", [([], "cpu, float32,"), (["--dtype", "bf16", "--channels_last", "True"], "cpu, bf16, channels_last,")])
@@ -59,3 +61,20 @@ def test_multi_objective_quick(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert all(f"| {s.name} |" in table for s in multi_objective.SETTINGS)
     assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".json").exists()
+
+
+@pytest.mark.slow
+def test_steps_tradeoff_quick_resumes_point_by_point(tmp_path, capsys):
+    out = str(tmp_path / "steps")
+    narrow = steps_tradeoff.main(["--quick", "--samplers", "dpmpp_2m", "--calls", "5", "--out", out])
+    assert {(r["sampler"], r["calls"]) for r in narrow} == {("dpmpp_2m", 5)} and len(narrow) == 3  # the bracketing scales
+    rows = steps_tradeoff.main(["--quick", "--out", out])  # the whole quick plan: only the missing points are sampled
+    assert rows[:3] == narrow
+    assert {(r["sampler"], r["calls"]) for r in rows} == {("ddpm", 25), ("dpmpp_2m", 5), ("dpmpp_2m", 25)} and len(rows) == 5
+    assert all(0 <= r["accuracy"] <= 1 and r["fid"] >= 0 for r in rows)
+    assert "| ADM-G | dpmpp_2m | clip | 5 |" in (tmp_path / "steps.md").read_text()
+    saved = json.loads((tmp_path / "steps.json").read_text())
+    (tmp_path / "steps.json").write_text(json.dumps(dict(saved, flags=dict(saved["flags"], num_samples=20))))  # points of another size
+    with pytest.raises(SystemExit):
+        steps_tradeoff.main(["--quick", "--out", out])
+    assert "holds points of 20 samples: use --num_samples 20 or another --out" in capsys.readouterr().err
