@@ -184,7 +184,7 @@ def against_reference(points, ref):
 def markdown(rows, baseline, args):
     """The tables: every point at its setting's main scale, and the fast points at the reference's accuracy."""
     lines = [
-        f"{args.num_samples} samples a point, {len({r['seed'] for r in rows})} of {args.seeds} seed(s) sampled (mean ± 95% CI over seeds); x0_threshold "
+        f"{args.num_samples} samples a point, up to {args.seeds} seeds (the seeds column: how many; mean ± 95% t-interval over them); x0_threshold "
         f"{', '.join(t or '-' for t in args.thresholds)} for the DPM-Solver++ samplers.",
         f"For scale: the real train-split digits score accuracy {baseline['accuracy']:.3f}, FID {baseline['fid']:.2f}, "
         f"precision {baseline['precision']:.3f}, recall {baseline['recall']:.3f} against the same held-out digits.",
@@ -198,15 +198,15 @@ def markdown(rows, baseline, args):
         if ref:
             lines += [f"Reference: ADM-G, DDPM, {next(iter(ref.values()))['calls']} calls, scale {main_scale(model, 'ADM-G'):g}: accuracy {fmt([r['accuracy'] for r in ref.values()], 3)}, "
                       f"FID {fmt([r['fid'] for r in ref.values()], 2)}; the target is FID <= {TARGET_RATIO * ref_fid:.2f} at accuracy {ref_acc:.3f}.", ""]
-        lines += ["| setting | sampler | x0_threshold | calls | scale | accuracy | FID | FID / reference (same seeds) | precision | recall | s/point |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["| setting | sampler | x0_threshold | calls | scale | seeds | accuracy | FID | FID / reference (same seeds) | precision | recall | s/point |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         main = [r for r in model_rows if r["scale"] == main_scale(model, r["setting"])]
         for (setting, sampler, threshold, calls), points in sorted(grouped(main, "setting", "sampler", "threshold", "calls").items(), key=_order):
             get = lambda k: [p[k] for p in points]  # noqa: E731
             paired = [p for p in points if p["seed"] in ref]  # against the reference's runs of the same seeds
             ratio = f"{np.mean([p['fid'] for p in paired]) / np.mean([ref[p['seed']]['fid'] for p in paired]):.2f}" if paired else "-"
             lines.append(
-                f"| {setting} | {sampler} | {threshold or '-'} | {calls} | {points[0]['scale']:g} | {fmt(get('accuracy'), 3)} | {fmt(get('fid'), 2)} | "
+                f"| {setting} | {sampler} | {threshold or '-'} | {calls} | {points[0]['scale']:g} | {len(points)} | {fmt(get('accuracy'), 3)} | {fmt(get('fid'), 2)} | "
                 f"{ratio} | {fmt(get('precision'), 3)} | {fmt(get('recall'), 3)} | {np.mean(get('seconds')):.1f} |"
             )
         bracketed = [r for r in model_rows if r["sampler"] in DPMPP and r["calls"] <= BRACKETED_CALLS]
